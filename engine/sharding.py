@@ -1,0 +1,75 @@
+"""A 1-D mesh over every device, and the padded, sharded pair axis that runs on it.
+
+The same code runs on 1 CPU, simulated CPU devices, a GPU, a TPU slice, or several hosts
+(after `jax.distributed.initialize`, `jax.devices()` lists every host's devices).
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+PAIR_AXIS = "pairs"
+_DTYPES = ("float32", "float64")
+
+
+def simulate_cpu_devices(count: int) -> None:
+  """Asks XLA for `count` CPU devices; only takes effect before JAX initialises its backends."""
+  flag = f"--xla_force_host_platform_device_count={int(count)}"
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
+  os.environ["XLA_FLAGS"] = " ".join(flags + [flag])
+  jax.config.update("jax_num_cpu_devices", int(count))
+
+
+def set_dtype(dtype: str) -> None:
+  """float32 (default; matmuls at HIGHEST precision) or float64 (enables jax_enable_x64)."""
+  if dtype not in _DTYPES:
+    raise ValueError(f"unknown dtype {dtype!r}; choose one of {_DTYPES}")
+  jax.config.update("jax_enable_x64", dtype == "float64")
+
+
+def default_dtype() -> np.dtype:
+  return np.dtype(np.float64 if jax.config.jax_enable_x64 else np.float32)
+
+
+def pair_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A 1-D mesh over `devices` (default: all devices of all processes), axis 'pairs'."""
+  devices = list(devices) if devices is not None else jax.devices()
+  return Mesh(np.asarray(devices), (PAIR_AXIS,))
+
+
+@functools.lru_cache(maxsize=64)
+def sharded(block: Callable, mesh: Mesh) -> Callable:
+  """jit(shard_map(block)): replicated leading args, the last arg split along the pair axis.
+
+  `block(*replicated, pairs_local) -> scores_local`. Cached so repeated calls with the same
+  block and mesh reuse one compiled program per input shape.
+  """
+  def run(replicated, pairs):
+    fn = jax.shard_map(block, mesh=mesh, in_specs=(P(), P(PAIR_AXIS)),
+                       out_specs=P(PAIR_AXIS), check_vma=False)
+    return fn(replicated, pairs)
+  return jax.jit(run)
+
+
+def map_pairs(block: Callable, replicated, pairs: np.ndarray, *, mesh: Mesh,
+              chunk_size: int) -> np.ndarray:
+  """Runs `block` over pairs [P, 2] padded to a multiple of devices x chunk; returns [P]."""
+  count = pairs.shape[0]
+  unit = mesh.size * chunk_size
+  padded = max(unit, -(-count // unit) * unit)
+  pad = np.zeros((padded - count, pairs.shape[1]), pairs.dtype)  # pair (0, 0): valid, dropped
+  full = np.concatenate([pairs, pad])
+  full = jax.device_put(full, NamedSharding(mesh, P(PAIR_AXIS)))
+  out = sharded(block, mesh)(replicated, full)
+  return np.asarray(jax.device_get(out))[:count]
+
+
+def device_summary(mesh: Mesh) -> str:
+  kinds = sorted({d.device_kind for d in mesh.devices.flat})
+  return f"{mesh.size} device(s) [{', '.join(kinds)}] over {jax.process_count()} process(es)"

@@ -1,0 +1,347 @@
+"""SVCCA, PWCCA and linear CKA for many representations at once.
+
+The key idea (DESIGN.md, "The kernel"): after centring and truncating to the top singular
+directions, U already has orthonormal columns and CCA is invariant to invertible rescaling,
+so the canonical correlations of X and Y are the singular values of U_x^T U_y. Hence one SVD
+per representation (`compute_bases`), and per pair only a (k x n)(n x k) GEMM and a small
+eigensolve (`pair_scores`), batched over a sharded pair axis. The data-dependent rank k is
+handled with static shapes: bases are padded to a fixed width and masked.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from engine import sharding
+
+METRICS = ("svcca", "pwcca", "cka")
+HIGHEST = jax.lax.Precision.HIGHEST
+# CCA between k-dimensional subspaces of R^n degenerates as k approaches n: two random
+# k-dimensional subspaces already have large canonical correlations when k is a sizeable
+# fraction of n. Warn past this fraction.
+RANK_WARNING_FRACTION = 0.5
+
+
+class Bases(NamedTuple):
+  """Per-representation bases, padded to a common width K and masked beyond each rank.
+
+  u:    [R, n, K] orthonormal kept directions of the centred data (zero columns past rank).
+  s:    [R, K]    their singular values (zero past rank).
+  w:    [R, K, d] diag(s) V^T, how each kept direction loads on the original features
+        (PWCCA's weights need it); None for the other metrics.
+  rank: [R]       kept rank.
+  """
+  u: Any
+  s: Any
+  w: Any
+  rank: Any
+
+
+class PairResult(NamedTuple):
+  score: np.ndarray   # [P]
+  rank_a: np.ndarray  # [P]
+  rank_b: np.ndarray  # [P]
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _name(names: Sequence[str] | None, i: int) -> str:
+  return names[i] if names is not None else f"representation {i}"
+
+
+def as_representations(reps, names: Sequence[str] | None = None) -> list[np.ndarray]:
+  """Checks a stack [R, n, d] or a list of [n, d_i] arrays; errors name the representation."""
+  if isinstance(reps, (list, tuple)):
+    arrays = [np.asarray(r) for r in reps]
+  else:
+    stacked = np.asarray(reps)
+    if stacked.ndim != 3:
+      raise ValueError(f"expected representations as [R, n, d] or a list of [n, d] arrays, "
+                       f"got an array of shape {stacked.shape}")
+    arrays = list(stacked)
+  if names is not None and len(names) != len(arrays):
+    raise ValueError(f"{len(names)} names for {len(arrays)} representations")
+  if not arrays:
+    raise ValueError("no representations given")
+  n0 = None
+  for i, a in enumerate(arrays):
+    name = _name(names, i)
+    if a.ndim != 2:
+      raise ValueError(f"{name}: expected a [n, d] array, got shape {a.shape}")
+    if not np.issubdtype(a.dtype, np.number):
+      raise ValueError(f"{name}: expected numbers, got dtype {a.dtype}")
+    if a.shape[0] < 2:
+      raise ValueError(f"{name}: needs at least 2 samples, has {a.shape[0]}")
+    if a.shape[1] < 1:
+      raise ValueError(f"{name}: has no features")
+    if n0 is None:
+      n0 = a.shape[0]
+    elif a.shape[0] != n0:
+      raise ValueError(f"{name}: has {a.shape[0]} samples but {_name(names, 0)} has {n0}; "
+                       "all representations must describe the same sentences")
+    finite = np.isfinite(a)
+    if not finite.all():
+      bad = np.argwhere(~finite)[0]
+      raise ValueError(f"{name}: contains NaN or Inf (first at sample {bad[0]}, feature {bad[1]})")
+    if not np.any(a != a[:1]):
+      raise ValueError(f"{name}: is constant across samples (zero variance); CCA is undefined")
+  return arrays
+
+
+def _stack(arrays: list[np.ndarray], dtype) -> np.ndarray:
+  """Zero-pads features to a common width: exact, zero columns add no variance."""
+  d = max(a.shape[1] for a in arrays)
+  out = np.zeros((len(arrays), arrays[0].shape[0], d), dtype=dtype)
+  for i, a in enumerate(arrays):
+    out[i, :, : a.shape[1]] = a
+  return out
+
+
+# ----------------------------------------------------------------------------- bases
+
+
+def _kept_rank(s: jax.Array, threshold: float, n: int, d: int) -> jax.Array:
+  """Smallest k whose top-k squared singular values explain `threshold` of the variance.
+
+  threshold >= 1 keeps the numerical rank. Singular values at round-off level never count.
+  """
+  var = s * s
+  total = jnp.sum(var)
+  eps = jnp.finfo(s.dtype).eps
+  numerical = jnp.sum(s > s[0] * eps * max(n, d))
+  if threshold >= 1.0:
+    return numerical.astype(jnp.int32)
+  frac = jnp.cumsum(var) / total
+  k = jnp.sum(frac < threshold) + 1
+  return jnp.clip(jnp.minimum(k, numerical), 1, s.shape[0]).astype(jnp.int32)
+
+
+def basis(x: jax.Array, *, threshold: float = 0.99, with_weights: bool = False):
+  """One representation [n, d] -> masked (u [n, K], s [K], w [K, d] | None, rank), K = min(n, d)."""
+  n, d = x.shape
+  xc = x - jnp.mean(x, axis=0, keepdims=True)
+  u, s, vt = jnp.linalg.svd(xc, full_matrices=False)
+  rank = _kept_rank(s, threshold, n, d)
+  keep = jnp.arange(s.shape[0]) < rank
+  s = jnp.where(keep, s, 0)
+  u = jnp.where(keep[None, :], u, 0)
+  w = (s[:, None] * vt) if with_weights else None
+  return u, s, w, rank
+
+
+@functools.partial(jax.jit, static_argnames=("threshold", "with_weights"))
+def _bases(x: jax.Array, *, threshold: float, with_weights: bool):
+  return jax.vmap(functools.partial(basis, threshold=threshold, with_weights=with_weights))(x)
+
+
+def _metric_threshold(metric: str, threshold: float) -> float:
+  if metric not in METRICS:
+    raise ValueError(f"unknown metric {metric!r}; choose one of {METRICS}")
+  if not 0.0 < threshold <= 1.0:
+    raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+  # CKA compares the full centred representations: nothing is truncated.
+  return 1.0 if metric == "cka" else float(threshold)
+
+
+def compute_bases(reps, *, metric: str = "svcca", threshold: float = 0.99,
+                  names: Sequence[str] | None = None, dtype=None,
+                  trim: bool = True, warn: bool = True) -> Bases:
+  """One SVD per representation, never one per pair.
+
+  Returns bases padded to K columns; with `trim` K is cut to the largest kept rank (rounded up
+  to a multiple of 8 so similar sweeps share compiled shapes), which shrinks every pair GEMM.
+  """
+  threshold = _metric_threshold(metric, threshold)
+  arrays = as_representations(reps, names)
+  dtype = np.dtype(dtype or sharding.default_dtype())
+  x = jnp.asarray(_stack(arrays, dtype))
+  u, s, w, rank = _bases(x, threshold=threshold, with_weights=metric == "pwcca")
+  rank_np = np.asarray(rank)
+  n = x.shape[1]
+  if warn and metric != "cka":
+    _warn_degenerate(rank_np, n, names)
+  if trim:
+    k = min(u.shape[-1], int(math.ceil(rank_np.max() / 8) * 8))
+    u, s = u[..., :k], s[..., :k]
+    w = w[:, :k] if w is not None else None
+  return Bases(u=u, s=s, w=w, rank=rank)
+
+
+def _warn_degenerate(rank: np.ndarray, n: int, names) -> None:
+  close = np.flatnonzero(rank >= RANK_WARNING_FRACTION * n)
+  if close.size:
+    worst = int(close[np.argmax(rank[close])])
+    warnings.warn(
+        f"{close.size} representation(s) keep a rank close to the number of samples n={n} "
+        f"(e.g. {_name(names, worst)}: rank {rank[worst]}); CCA degenerates there and scores are "
+        "inflated. Use more sentences or a lower threshold.", RuntimeWarning, stacklevel=3)
+
+
+# ----------------------------------------------------------------------------- pair scores
+
+
+def _cross(ua: jax.Array, ub: jax.Array) -> jax.Array:
+  return jnp.einsum("nk,nl->kl", ua, ub, precision=HIGHEST)
+
+
+def _svcca_pair(ua, sa, wa, ka, ub, sb, wb, kb):
+  """Mean canonical correlation: singular values of U_a^T U_b, over min(k_a, k_b)."""
+  del sa, sb, wa, wb
+  m = _cross(ua, ub)
+  ev = jnp.linalg.eigvalsh(jnp.matmul(m.T, m, precision=HIGHEST))  # ascending
+  return jnp.sum(_top(_rho(ev), ka, kb)) / jnp.minimum(ka, kb)
+
+
+def _rho(ev: jax.Array) -> jax.Array:
+  return jnp.sqrt(jnp.clip(ev, 0.0, 1.0))
+
+
+def _top(values: jax.Array, ka, kb) -> jax.Array:
+  """Keeps the last min(k_a, k_b) of ascending eigen-values: the rest are zero up to round-off,
+  and round-off eigenvalues of 1e-8 would add 1e-4 each after the square root."""
+  return jnp.where(jnp.arange(values.shape[-1]) >= values.shape[-1] - jnp.minimum(ka, kb), values, 0)
+
+
+def _pwcca_pair(ua, sa, wa, ka, ub, sb, wb, kb):
+  """Projection-weighted CCA (Morcos et al. 2018), weighted on the first representation.
+
+  Weights are how much of a's centred features each canonical variate of a accounts for,
+  alpha_i = sum_j |<h_i, x_j>|, computed for the same canonical variates whose correlations
+  they weight (the reference code mixes sides and adds the means back before weighting).
+  """
+  del sa, sb, wb
+  m = _cross(ua, ub)
+  ev, vecs = jnp.linalg.eigh(jnp.matmul(m, m.T, precision=HIGHEST))  # ascending
+  alpha = _top(jnp.sum(jnp.abs(jnp.matmul(vecs.T, wa, precision=HIGHEST)), axis=1), ka, kb)
+  return jnp.sum(alpha * _rho(ev)) / jnp.sum(alpha)
+
+
+def _cka_pair(ua, sa, wa, ka, ub, sb, wb, kb):
+  """Linear CKA from SVD bases: ||S_a U_a^T U_b S_b||_F^2 / (||S_a^2||_F ||S_b^2||_F)."""
+  del wa, wb, ka, kb
+  m = _cross(ua, ub) * sa[:, None] * sb[None, :]
+  return jnp.sum(m * m) / (jnp.sqrt(jnp.sum(sa**4)) * jnp.sqrt(jnp.sum(sb**4)))
+
+
+_PAIR_FNS = {"svcca": _svcca_pair, "pwcca": _pwcca_pair, "cka": _cka_pair}
+
+
+@functools.lru_cache(maxsize=None)
+def _pairs_fn(metric: str, chunk_size: int):
+  """Scores a block of pairs in chunks: each chunk is one batched GEMM + batched eigensolves."""
+  one = _PAIR_FNS[metric]
+
+  def block(bases, pairs):
+    u, s, w, rank = bases
+
+    def score(pair):
+      i, j = pair[0], pair[1]
+      wi = w[i] if w is not None else None
+      wj = w[j] if w is not None else None
+      return one(u[i], s[i], wi, rank[i], u[j], s[j], wj, rank[j])
+
+    return jax.lax.map(score, pairs, batch_size=chunk_size)
+
+  return block
+
+
+def score_pairs(bases: Bases | tuple, pairs: jax.Array, *, metric: str = "svcca",
+                chunk_size: int = 16) -> jax.Array:
+  """Pure, unsharded pair stage (jit-able): bases and int pairs [P, 2] -> scores [P]."""
+  return _pairs_fn(metric, chunk_size)(tuple(bases), pairs)
+
+
+def auto_chunk_size(n: int, k: int, d: int = 0, budget_bytes: int = 256 << 20,
+                    itemsize: int = 4) -> int:
+  """Pairs per chunk so the gathered bases of one chunk stay within a memory budget."""
+  per_pair = 2 * n * k * itemsize + 2 * k * max(k, d) * itemsize
+  return int(max(1, min(256, budget_bytes // max(per_pair, 1))))
+
+
+def pair_scores(bases: Bases, pairs, *, metric: str = "svcca", mesh=None,
+                chunk_size: int | None = None) -> PairResult:
+  """Scores of the given index pairs [P, 2] over the sharded pair axis of `mesh`."""
+  if metric not in METRICS:
+    raise ValueError(f"unknown metric {metric!r}; choose one of {METRICS}")
+  if metric == "pwcca" and bases.w is None:
+    raise ValueError("PWCCA needs bases computed with metric='pwcca'")
+  pairs = np.asarray(pairs, dtype=np.int32).reshape(-1, 2)
+  r = bases.u.shape[0]
+  if pairs.size and (pairs.min() < 0 or pairs.max() >= r):
+    raise ValueError(f"pair indices must lie in [0, {r}); got range [{pairs.min()}, {pairs.max()}]")
+  rank = np.asarray(bases.rank)
+  if pairs.shape[0] == 0:
+    empty = np.zeros((0,), np.float64)
+    return PairResult(empty, rank[:0], rank[:0])
+  _, n, k = bases.u.shape
+  d = 0 if bases.w is None else bases.w.shape[-1]
+  chunk = chunk_size or auto_chunk_size(n, k, d, itemsize=np.dtype(bases.u.dtype).itemsize)
+  mesh = mesh or sharding.pair_mesh()
+  scores = sharding.map_pairs(_pairs_fn(metric, chunk), tuple(bases),
+                              pairs, mesh=mesh, chunk_size=chunk)
+  return PairResult(np.asarray(scores, np.float64), rank[pairs[:, 0]], rank[pairs[:, 1]])
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def all_pairs(r: int) -> np.ndarray:
+  """Upper-triangle index pairs (i < j) of r representations."""
+  i, j = np.triu_indices(r, k=1)
+  return np.stack([i, j], axis=1).astype(np.int32)
+
+
+def pairwise(reps, *, metric: str = "svcca", threshold: float = 0.99, pairs=None, mesh=None,
+             names: Sequence[str] | None = None, chunk_size: int | None = None) -> np.ndarray:
+  """Scores for `pairs` [P, 2] -> [P], or with pairs=None the [R, R] matrix.
+
+  SVCCA and CKA are symmetric, so the matrix is filled from the upper triangle with ones on
+  the diagonal; PWCCA weights on its first argument, so every ordered pair is computed.
+  """
+  bases = compute_bases(reps, metric=metric, threshold=threshold, names=names)
+  if pairs is not None:
+    return pair_scores(bases, pairs, metric=metric, mesh=mesh, chunk_size=chunk_size).score
+  r = bases.u.shape[0]
+  if metric == "pwcca":
+    ii, jj = np.nonzero(~np.eye(r, dtype=bool))
+    idx = np.stack([ii, jj], axis=1)
+  else:
+    idx = all_pairs(r)
+  scores = pair_scores(bases, idx, metric=metric, mesh=mesh, chunk_size=chunk_size).score
+  out = np.eye(r, dtype=np.float64)
+  out[idx[:, 0], idx[:, 1]] = scores
+  if metric != "pwcca":
+    out[idx[:, 1], idx[:, 0]] = scores
+  return out
+
+
+def pairwise_svcca(reps, *, threshold: float = 0.99, pairs=None, mesh=None) -> np.ndarray:
+  """All-pairs SVCCA: [R, R] symmetric matrix, or the [P] scores of `pairs`."""
+  return pairwise(reps, metric="svcca", threshold=threshold, pairs=pairs, mesh=mesh)
+
+
+def _two(x, y, metric: str, threshold: float) -> float:
+  return float(pairwise([x, y], metric=metric, threshold=threshold, names=["x", "y"],
+                        pairs=[[0, 1]])[0])
+
+
+def svcca(x, y, *, threshold: float = 0.99) -> float:
+  """SVCCA of x [n, d1] and y [n, d2]: mean canonical correlation of their top subspaces."""
+  return _two(x, y, "svcca", threshold)
+
+
+def pwcca(x, y, *, threshold: float = 0.99) -> float:
+  """PWCCA of x and y, weighted by x's canonical variates (asymmetric by design)."""
+  return _two(x, y, "pwcca", threshold)
+
+
+def linear_cka(x, y) -> float:
+  """Linear CKA (Kornblith et al. 2019) of x [n, d1] and y [n, d2]."""
+  return _two(x, y, "cka", 1.0)
