@@ -303,10 +303,6 @@ def build_tiny(seed: int = 0):
 # The adapter.
 
 
-def _as_list(values) -> list:
-  return list(values) if not isinstance(values, list) else values
-
-
 class SonarAdapter(Adapter):
   """SONAR text encoder + (per-language) speech encoders behind the adapter interface.
 
@@ -329,7 +325,6 @@ class SonarAdapter(Adapter):
     self.features = SeamlessM4TFeatureExtractor()
     self.weights = weights or {}
     self._speech: tuple[str, SonarSpeechEncoder] | None = None
-    self._speech_layers = None
 
   # -- interface ------------------------------------------------------------------------------
 
@@ -355,7 +350,7 @@ class SonarAdapter(Adapter):
     if code not in self.tokenizer.get_vocab():
       raise ValueError(f"language {language!r} ({code}) is not in the SONAR tokenizer's vocabulary")
     self.tokenizer.src_lang = code
-    batch = self.tokenizer(_as_list(texts), padding=True, return_tensors="pt")
+    batch = self.tokenizer(list(texts), padding=True, return_tensors="pt")
     ids = batch["input_ids"].to(self.device)
     mask = batch["attention_mask"].to(self.device).bool()
     enc = self.text_encoder
@@ -410,19 +405,13 @@ class SonarAdapter(Adapter):
     encoder = entry if isinstance(entry, nn.Module) else entry()
     encoder = encoder.to(self.device, self.dtype).eval()
     self._speech = (key, encoder)
-    self._speech_layers = encoder.num_layers
     return encoder
 
   def _speech_layer_count(self) -> int:
-    if self._speech_layers is None:
-      entry = next(iter(self.speech_encoders.values()), None)
-      if isinstance(entry, SonarSpeechEncoder):
-        self._speech_layers = entry.num_layers
-      elif entry is not None:
-        self._speech_layers = getattr(entry, "num_layers", None) or 24
-      else:
-        self._speech_layers = 0
-    return self._speech_layers
+    if self._speech is not None:
+      return self._speech[1].num_layers
+    entry = next(iter(self.speech_encoders.values()), None)
+    return getattr(entry, "num_layers", 0)
 
 
 def _single(vectors: torch.Tensor) -> Capture:
