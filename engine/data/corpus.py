@@ -54,11 +54,12 @@ def build(rows: Callable[..., Iterator[dict]], gen_kwargs: dict, *, key: str, in
   root = speech.cache_root(cache_dir) / "datasets"
   try:
     root.mkdir(parents=True, exist_ok=True)
-    ds = _from_generator(rows, gen_kwargs, key, root, writer_batch_size)
+    tempfile.TemporaryFile(dir=root).close()
   except OSError as e:
     fallback = Path(tempfile.mkdtemp(prefix="xmodal-corpus-"))
     warnings.warn(f"corpus cache {root} is not usable ({e}); writing this corpus to {fallback}")
-    ds = _from_generator(rows, gen_kwargs, key, fallback, writer_batch_size)
+    root = fallback
+  ds = _from_generator(rows, gen_kwargs, key, root, writer_batch_size)
   ds.info.description = json.dumps(info, ensure_ascii=False)
   return ds
 
