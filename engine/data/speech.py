@@ -212,6 +212,7 @@ def _save_atomic(path: Path, audio: np.ndarray) -> None:
   try:
     with os.fdopen(fd, "wb") as f:
       np.save(f, audio, allow_pickle=False)
+    os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide a shared cache from other users
     os.replace(tmp, path)
   except BaseException:
     Path(tmp).unlink(missing_ok=True)
