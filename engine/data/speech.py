@@ -144,10 +144,12 @@ def _in_script(char: str, script: str) -> bool:
 
 
 def unreadable_characters(texts: Sequence[str], language: str) -> list[str]:
-  """Letters of the language's own script that its voice cannot read (it would switch language).
+  """Letters of the language's own script that its voice cannot read.
 
-  Letters of other scripts (a Latin brand name in Russian text) are read by espeak-ng in another
-  language as a person would, and are not counted.
+  A letter counts when espeak-ng switches language both to read it alone and in a text holding
+  it (where it spells it out, e.g. kanji as "Chinese letter"). Letters of other scripts (a Latin
+  brand name in Russian) and loanwords a dictionary sends to another language on purpose
+  (French "week-end") are read as a person would, and do not count.
   """
   voice = espeak_voice(language)
   if voice is None:
@@ -156,9 +158,11 @@ def unreadable_characters(texts: Sequence[str], language: str) -> list[str]:
   letters = sorted({c for text in texts for c in text if _in_script(c, script)})
   if not letters:
     return []
-  lines = _run_worker("phonemes", voice, "\n".join(letters).encode("utf-8"))
-  phonemes = lines.decode("utf-8").split("\n")
-  return [c for c, p in zip(letters, phonemes) if "(" in p]
+  lines = letters + [" ".join(text.split()) for text in texts]
+  phonemes = _run_worker("phonemes", voice, "\n".join(lines).encode("utf-8"))
+  switches = ["(" in p for p in phonemes.decode("utf-8").split("\n")]
+  switching_texts = [t for t, s in zip(texts, switches[len(letters):]) if s]
+  return [c for c, s in zip(letters, switches) if s and any(c in t for t in switching_texts)]
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
