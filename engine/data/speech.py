@@ -124,7 +124,7 @@ def espeak_voice(language: str) -> str | None:
   return voice if voice.lower() in names else None
 
 
-def speech_support(languages: Iterable[str]) -> dict[str, str | None]:
+def speech_support(languages: Iterable[str] | None = None) -> dict[str, str | None]:
   """{language: voice or None}; a None is a language espeak-ng cannot speak."""
   return {code: espeak_voice(code) for code in languages_lib.resolve_languages(languages)}
 
