@@ -1,0 +1,470 @@
+"""The activation store: one [n, d] float32 array per representation, written as batches stream.
+
+A representation is keyed by (language, modality, site, layer); its rows are the corpus
+sentences in id order (`metadata['ids']`). A store is a directory:
+
+  manifest.json               metadata + every representation's file, shape, state, sha256
+  {language}.{modality}.{site}.{layer}.npy        the [n, d] array (a preallocated .npy)
+  {language}.{modality}.{site}.{layer}.done.npy   [n] bool: rows written so far (while incomplete)
+  .lock                       held (flock) by the one process writing
+
+Why it is crash-safe: rows are written into the memory-mapped array and flushed *before* their
+flags in `.done.npy` are set, so a flag never claims a row that is not on disk; a killed run
+leaves at worst rows that are recomputed. A representation becomes complete once every row is
+flagged: its sha256 goes into the manifest (written to a temporary file, then os.replace), and
+only then is its `.done.npy` removed. Readers see complete representations only, and `load`
+checks the checksum, so half-written data is never returned. Memory stays bounded by the batch:
+arrays live on disk and are touched through memory maps.
+
+Reopening a store checks its metadata (model, pooling, languages, sentence ids, dtype, ...):
+a different one is refused rather than mixed in.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterable, Mapping, NamedTuple
+
+import numpy as np
+from numpy.lib.format import open_memmap
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+LOCK = ".lock"
+DTYPE = np.dtype(np.float32)
+_PART = re.compile(r"^[A-Za-z0-9_\-]+$")
+
+
+class Key(NamedTuple):
+  """Names one representation: a language, a modality ('text'|'speech'), a site and a layer."""
+  language: str
+  modality: str
+  site: str
+  layer: int
+
+  @property
+  def name(self) -> str:
+    return f"{self.language}.{self.modality}.{self.site}.{self.layer}"
+
+  @classmethod
+  def parse(cls, name: str) -> "Key":
+    """'eng.text.text_encoder.3' -> Key('eng', 'text', 'text_encoder', 3)."""
+    parts = name.split(".")
+    if len(parts) != 4 or not parts[3].lstrip("-").isdigit():
+      raise ValueError(f"representation name {name!r} is not 'language.modality.site.layer'")
+    return cls(parts[0], parts[1], parts[2], int(parts[3]))
+
+
+def as_key(key: Key | tuple | str) -> Key:
+  """Accepts a Key, a 4-tuple or a 'language.modality.site.layer' name."""
+  if isinstance(key, str):
+    key = Key.parse(key)
+  key = Key(*key)
+  for part in key[:3]:
+    if not isinstance(part, str) or not _PART.match(part):
+      raise ValueError(f"representation key {tuple(key)!r}: {part!r} must be letters, digits, "
+                       "'_' or '-'")
+  return Key(key.language, key.modality, key.site, int(key.layer))
+
+
+class StoreError(ValueError):
+  """A store that cannot be used as asked (other metadata, incomplete or corrupt data, locked)."""
+
+
+@dataclasses.dataclass
+class Entry:
+  """The manifest's record of one representation."""
+  key: Key
+  file: str
+  shape: tuple[int, int]
+  complete: bool = False
+  sha256: str | None = None
+
+  def to_json(self) -> dict:
+    return {"language": self.key.language, "modality": self.key.modality, "site": self.key.site,
+            "layer": self.key.layer, "file": self.file, "shape": list(self.shape),
+            "dtype": DTYPE.name, "complete": self.complete, "sha256": self.sha256}
+
+  @classmethod
+  def from_json(cls, d: Mapping) -> "Entry":
+    key = Key(d["language"], d["modality"], d["site"], int(d["layer"]))
+    return cls(key, d["file"], tuple(d["shape"]), bool(d["complete"]), d.get("sha256"))
+
+
+def canonical(obj: Any) -> Any:
+  """JSON round trip, so metadata compares the same before and after being written."""
+  return json.loads(json.dumps(obj, sort_keys=True, default=_jsonable))
+
+
+def _normalized(metadata: Mapping) -> dict:
+  return canonical({**dict(metadata), "dtype": DTYPE.name})
+
+
+def _jsonable(x):
+  if isinstance(x, np.generic):
+    return x.item()
+  if isinstance(x, np.ndarray):
+    return x.tolist()
+  if isinstance(x, (set, frozenset)):
+    return sorted(x)
+  return str(x)
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    while block := f.read(chunk):
+      h.update(block)
+  return h.hexdigest()
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(obj, f, indent=1, sort_keys=True, ensure_ascii=False)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def _describe_difference(stored: Any, given: Any, prefix: str = "") -> str:
+  """'pooling: "mean" (store) vs "max" (this run); model.dtype: ...' (nested dicts by path)."""
+  if isinstance(stored, Mapping) and isinstance(given, Mapping):
+    parts = []
+    for field in sorted(set(stored) | set(given)):
+      a, b = stored.get(field, "<absent>"), given.get(field, "<absent>")
+      if a != b:
+        parts.append(_describe_difference(a, b, f"{prefix}{field}."))
+    return "; ".join(parts)
+  return f"{prefix.rstrip('.')}: {_short(stored)} (store) vs {_short(given)} (this run)"
+
+
+def _short(x: Any, limit: int = 80) -> str:
+  text = json.dumps(x, sort_keys=True, ensure_ascii=False)
+  return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+class Writer:
+  """Streams rows of one representation into its preallocated array (see the module doc)."""
+
+  def __init__(self, store: "Store", entry: Entry, data: np.memmap, done: np.memmap):
+    self.store, self.entry, self._data, self._done = store, entry, data, done
+
+  @property
+  def key(self) -> Key:
+    return self.entry.key
+
+  @property
+  def dim(self) -> int:
+    return self.entry.shape[1]
+
+  def pending(self, rows: np.ndarray) -> bool:
+    """Whether any of these rows still has to be written."""
+    return not bool(self._done[np.asarray(rows)].all())
+
+  def missing(self) -> np.ndarray:
+    """Indices of rows not written yet."""
+    return np.flatnonzero(~np.asarray(self._done))
+
+  @property
+  def full(self) -> bool:
+    return bool(np.asarray(self._done).all())
+
+  def write(self, rows: np.ndarray, values: np.ndarray) -> None:
+    """Writes values [len(rows), d] at rows: data first and flushed, then the rows' flags."""
+    rows = np.asarray(rows, dtype=np.int64)
+    values = np.asarray(values, dtype=DTYPE)
+    if values.shape != (rows.size, self.dim):
+      raise StoreError(f"{self.key.name}: got values of shape {values.shape} for {rows.size} rows "
+                       f"of width {self.dim}")
+    self._data[rows] = values
+    self._data.flush()
+    self._done[rows] = True
+    self._done.flush()
+
+  def close(self) -> None:
+    for arr in (self._data, self._done):
+      if arr is not None:
+        arr.flush()
+    self._data = self._done = None
+
+
+class Store:
+  """An activation store directory; see the module doc. Open with `Store.open`."""
+
+  def __init__(self, path: Path, metadata: dict, entries: dict[Key, Entry], skipped: dict,
+               writable: bool, lock_file=None):
+    self.path = path
+    self.metadata = metadata
+    self._entries = entries
+    self._skipped = skipped
+    self.writable = writable
+    self._lock_file = lock_file
+    self._verified: dict[Key, tuple] = {}
+
+  # -- opening --------------------------------------------------------------------------------
+
+  @classmethod
+  def open(cls, path: str | os.PathLike, metadata: Mapping | None = None, *,
+           mode: str = "a") -> "Store":
+    """Opens a store. mode 'r': read an existing store; 'a': create it or resume writing it.
+
+    `metadata` must hold 'ids' (the sentence ids, i.e. the rows) for a new store; anything
+    else JSON-able may be added (model, pooling, languages, dtype, ...). Given for an existing
+    store it must equal the stored metadata, or StoreError says which fields differ.
+    """
+    if mode not in ("r", "a"):
+      raise ValueError(f"store mode must be 'r' or 'a', got {mode!r}")
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    if mode == "r" and not manifest_path.exists():
+      raise StoreError(f"no activation store at {path} (missing {MANIFEST})")
+    lock_file = None
+    if mode == "a":
+      path.mkdir(parents=True, exist_ok=True)
+      lock_file = cls._lock(path)
+    try:
+      if manifest_path.exists():
+        store = cls._read(path, mode == "a", lock_file)
+        if metadata is not None:
+          store.check_metadata(metadata)
+        return store
+      if metadata is None or "ids" not in metadata:
+        raise StoreError(f"creating activation store {path} needs metadata with the sentence 'ids'")
+      ids = list(metadata["ids"])
+      if len(set(ids)) != len(ids):
+        raise StoreError(f"sentence ids of store {path} repeat")
+      store = cls(path, _normalized(metadata), {}, {}, True, lock_file)
+      store._write_manifest()
+      return store
+    except BaseException:
+      if lock_file is not None:
+        lock_file.close()
+      raise
+
+  @staticmethod
+  def _lock(path: Path):
+    f = open(path / LOCK, "a+", encoding="utf-8")
+    try:
+      fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      f.seek(0)
+      holder = f.read().strip() or "another process"
+      f.close()
+      raise StoreError(f"activation store {path} is being written by {holder}; wait for it to "
+                       "finish or use another output directory") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()}")
+    f.flush()
+    return f
+
+  @classmethod
+  def _read(cls, path: Path, writable: bool, lock_file) -> "Store":
+    try:
+      manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+      raise StoreError(f"cannot read {path / MANIFEST}: {e}") from None
+    if manifest.get("format") != FORMAT_VERSION:
+      raise StoreError(f"{path / MANIFEST} has format {manifest.get('format')!r}; this engine "
+                       f"reads format {FORMAT_VERSION}")
+    entries = {}
+    for d in manifest.get("representations", {}).values():
+      entry = Entry.from_json(d)
+      entries[entry.key] = entry
+    return cls(path, manifest["metadata"], entries, manifest.get("skipped", {}), writable,
+               lock_file)
+
+  def check_metadata(self, metadata: Mapping) -> None:
+    """Raises StoreError naming the differing fields unless `metadata` is this store's."""
+    given = _normalized(metadata)
+    if given != self.metadata:
+      raise StoreError(
+          f"activation store {self.path} holds activations of another run; "
+          f"{_describe_difference(self.metadata, given)}. Use another output directory, "
+          "or delete this one to start over")
+
+  def close(self) -> None:
+    """Releases the write lock (readers need not close)."""
+    if self._lock_file is not None:
+      self._lock_file.close()
+      self._lock_file = None
+
+  def __enter__(self) -> "Store":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+  # -- reading --------------------------------------------------------------------------------
+
+  @property
+  def ids(self) -> list:
+    """Sentence ids: row i of every array belongs to sentence ids[i]."""
+    return self.metadata["ids"]
+
+  @property
+  def n(self) -> int:
+    return len(self.metadata["ids"])
+
+  def keys(self, *, complete: bool = True) -> list[Key]:
+    """Complete representations (or, complete=False, every one begun), sorted."""
+    return sorted(k for k, e in self._entries.items() if e.complete or not complete)
+
+  def __contains__(self, key) -> bool:
+    return self.is_complete(key)
+
+  def is_complete(self, key) -> bool:
+    entry = self._entries.get(as_key(key))
+    return entry is not None and entry.complete
+
+  def shape(self, key) -> tuple[int, int]:
+    return tuple(self._entry(key).shape)
+
+  def skipped(self) -> dict[str, str]:
+    """'{language}.{modality}' -> why it was not extracted (e.g. no speech for the language)."""
+    return dict(self._skipped)
+
+  def load(self, key, *, verify: bool = True, mmap_mode: str = "r") -> np.ndarray:
+    """The [n, d] float32 array of a complete representation, memory-mapped read-only.
+
+    verify: check the file's sha256 against the manifest (once per store object and file
+    version). An incomplete or unknown representation, or a mismatch, raises StoreError.
+    """
+    entry = self._entry(key)
+    if not entry.complete:
+      raise StoreError(f"representation {entry.key.name} in {self.path} is not complete yet")
+    file = self.path / entry.file
+    if verify:
+      stat = file.stat()
+      stamp = (stat.st_mtime_ns, stat.st_size)
+      if self._verified.get(entry.key) != stamp:
+        if file_sha256(file) != entry.sha256:
+          raise StoreError(f"representation {entry.key.name}: {file} does not match its checksum "
+                           "in the manifest (modified or corrupt); re-extract it")
+        self._verified[entry.key] = stamp
+    array = np.load(file, mmap_mode=mmap_mode)
+    if array.dtype != DTYPE or array.shape != entry.shape:
+      raise StoreError(f"representation {entry.key.name}: {file} holds {array.dtype} "
+                       f"{array.shape}, manifest says {DTYPE.name} {entry.shape}")
+    return array
+
+  def load_jax(self, key, *, verify: bool = True):
+    """The representation as a jax.Array, sharing the mapped file's memory on CPU when it can."""
+    return to_jax(self.load(key, verify=verify, mmap_mode="c"))
+
+  def representations(self, keys: Iterable | None = None, *,
+                      verify: bool = True) -> dict[Key, np.ndarray]:
+    """{key: array} for the given (default: all complete) representations."""
+    keys = self.keys() if keys is None else [as_key(k) for k in keys]
+    return {k: self.load(k, verify=verify) for k in keys}
+
+  def verify(self) -> list[Key]:
+    """Complete representations whose file does not match its checksum (empty when all good)."""
+    bad = []
+    for key in self.keys():
+      try:
+        self.load(key, verify=True)
+      except (StoreError, OSError, ValueError):
+        bad.append(key)
+    return bad
+
+  def _entry(self, key) -> Entry:
+    key = as_key(key)
+    if key not in self._entries:
+      raise StoreError(f"no representation {key.name} in activation store {self.path}")
+    return self._entries[key]
+
+  # -- writing --------------------------------------------------------------------------------
+
+  def begin(self, key, dim: int) -> Writer:
+    """A writer for a representation of width `dim`: resumes its rows if begun before.
+
+    A representation already complete cannot be begun again (check `is_complete` first).
+    """
+    self._require_writable()
+    key = as_key(key)
+    entry = self._entries.get(key)
+    if entry is not None and entry.complete:
+      raise StoreError(f"representation {key.name} in {self.path} is already complete")
+    shape = (self.n, int(dim))
+    data_path = self.path / f"{key.name}.npy"
+    done_path = self.path / f"{key.name}.done.npy"
+    if entry is not None and tuple(entry.shape) != shape:
+      raise StoreError(f"representation {key.name} in {self.path} was begun with width "
+                       f"{entry.shape[1]}, now {dim}")
+    if entry is not None and data_path.exists() and done_path.exists():
+      try:
+        data = open_memmap(data_path, mode="r+")
+        done = open_memmap(done_path, mode="r+")
+        if data.shape == shape and data.dtype == DTYPE and done.shape == (self.n,):
+          return Writer(self, entry, data, done)
+      except (ValueError, OSError):
+        pass  # unreadable leftovers of a crash: start the representation over
+    data = open_memmap(data_path, mode="w+", dtype=DTYPE, shape=shape)
+    done = open_memmap(done_path, mode="w+", dtype=np.bool_, shape=(self.n,))
+    entry = Entry(key, data_path.name, shape)
+    self._entries[key] = entry
+    self._write_manifest()
+    return Writer(self, entry, data, done)
+
+  def finish(self, writers: Iterable[Writer]) -> list[Key]:
+    """Marks the full writers' representations complete (checksums, one manifest write).
+
+    Writers with missing rows are left open and untouched. Returns the keys completed.
+    """
+    self._require_writable()
+    completed = []
+    for w in writers:
+      if w._data is None or not w.full:
+        continue
+      w.close()
+      w.entry.sha256 = file_sha256(self.path / w.entry.file)
+      w.entry.complete = True
+      completed.append(w)
+    if completed:
+      self._write_manifest()
+      for w in completed:
+        (self.path / f"{w.key.name}.done.npy").unlink(missing_ok=True)
+    return [w.key for w in completed]
+
+  def mark_skipped(self, language: str, modality: str, reason: str) -> None:
+    """Records why a (language, modality) has no representations."""
+    self._require_writable()
+    self._skipped[f"{language}.{modality}"] = reason
+    self._write_manifest()
+
+  def _require_writable(self) -> None:
+    if not self.writable or self._lock_file is None:
+      raise StoreError(f"activation store {self.path} is open read-only")
+
+  def _write_manifest(self) -> None:
+    manifest = {
+        "format": FORMAT_VERSION,
+        "metadata": self.metadata,
+        "representations": {k.name: e.to_json() for k, e in sorted(self._entries.items())},
+        "skipped": self._skipped,
+    }
+    _write_json_atomic(self.path / MANIFEST, manifest)
+
+
+def to_jax(array: np.ndarray):
+  """A numpy array as a jax.Array: zero-copy through DLPack on CPU where the buffer allows it
+  (aligned and writable, e.g. a copy-on-write memmap), else one copy to the default device."""
+  import jax  # pylint: disable=import-outside-toplevel
+  if jax.default_backend() == "cpu" and array.flags.writeable and array.flags.c_contiguous:
+    try:
+      return jax.dlpack.from_dlpack(array)
+    except (BufferError, TypeError, RuntimeError, ValueError):
+      pass
+  return jax.numpy.asarray(array)
+
+
+def open_store(path: str | os.PathLike) -> Store:
+  """A store opened for reading."""
+  return Store.open(path, mode="r")
