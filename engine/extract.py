@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 import torch
 
 from engine.data.batching import length_buckets
+from engine.data.corpus import corpus_info
 from engine.models.base import MODALITIES, Adapter
 from engine.models.pooling import POOLINGS, pool
 from engine.store import Key, Store, StoreError, Writer
@@ -181,6 +182,8 @@ class _Index:
   validation need."""
   ids: np.ndarray
   languages: np.ndarray
+  texts: list[str]
+  source: str | None  # corpus_info(corpus)['source']: 'bundled', 'fleurs', or None
   rates: np.ndarray | None
   text_lengths: np.ndarray  # characters after trimming whitespace (0: empty or None)
   audio_lengths: np.ndarray | None  # samples (0 where None)
@@ -199,7 +202,9 @@ def _index(corpus: datasets.Dataset, with_audio: bool) -> _Index:
     lengths = np.concatenate([pc.fill_null(pc.list_value_length(p), 0).to_numpy() for p in parts])
     null = np.concatenate([p.is_null().to_numpy() for p in parts])
     rates = small["sampling_rate"].to_numpy()
-  return _Index(small["id"].to_numpy(), small["language"].to_numpy(), rates,
+  source = corpus_info(corpus).get("source")
+  return _Index(small["id"].to_numpy(), small["language"].to_numpy(),
+                [t or "" for t in small["text"].tolist()], source, rates,
                 np.asarray(text_lengths, dtype=np.int64), lengths, null)
 
 
@@ -300,13 +305,13 @@ def _check_speech(adapter: Adapter, corpus: datasets.Dataset, index: _Index,
 
 
 def corpus_digest(index: _Index) -> str:
-  """sha256 of ids, languages, text lengths and audio lengths: which sentences a store holds
-  (cheap to recompute on every resume, unlike hashing all audio)."""
+  """sha256 of ids, languages and texts: which sentences a store's rows are. Audio is left
+  out, so text and speech of one corpus may be extracted into one store in separate runs (the
+  corpus source is recorded next to it)."""
   h = hashlib.sha256()
-  for part in (index.ids, index.text_lengths, index.audio_lengths):
-    if part is not None:
-      h.update(np.ascontiguousarray(part, dtype=np.int64).tobytes())
+  h.update(np.ascontiguousarray(index.ids, dtype=np.int64).tobytes())
   h.update("\x00".join(index.languages.tolist()).encode("utf-8"))
+  h.update("\x00".join(index.texts).encode("utf-8"))
   return h.hexdigest()
 
 
@@ -315,7 +320,7 @@ def store_metadata(adapter: Adapter, index: _Index, blocks: list[_Language], ids
   """What a store's arrays depend on; a resumed run must match it exactly."""
   model = {k: v for k, v in adapter.describe().items() if k != "device"}
   return {"model": model, "pooling": pooling, "languages": [b.code for b in blocks],
-          "ids": ids, "corpus": corpus_digest(index)}
+          "ids": ids, "corpus": {"source": index.source, "sha256": corpus_digest(index)}}
 
 
 # ---------------------------------------------------------------------------------------------

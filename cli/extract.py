@@ -1,0 +1,127 @@
+"""Extracts pooled activations of a parallel corpus into an activation store (resumable).
+
+  python -m cli.extract --model=seamless-tiny --languages=eng,deu --output_dir=/tmp/acts
+  python -m cli.extract --model=facebook/seamless-m4t-v2-large --source=fleurs \
+      --fleurs_dir=/data/fleurs --dtype=bfloat16 --batch_size=32 --output_dir=/data/acts
+
+Re-running the same command resumes an interrupted run. Errors are printed as one line and
+the exit status is 1.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", "seamless-tiny",
+                    "Adapter name, hub id or local directory: seamless-tiny, seamless-v1-tiny, "
+                    "seamless-mid, facebook/seamless-m4t-v2-large, sonar-tiny, salmonn-tiny, ...")
+flags.DEFINE_enum("source", "bundled", ["bundled", "fleurs"], "Corpus: the bundled offline "
+                  "corpus (espeak-ng speech) or FLEURS.")
+flags.DEFINE_string("fleurs_dir", None, "Local FLEURS copy (see engine.data.fleurs); without it "
+                    "FLEURS is read from the Hub.")
+flags.DEFINE_string("split", "test", "FLEURS split.")
+flags.DEFINE_integer("max_sentences", None, "Keep only the first N sentence ids (quick runs).")
+flags.DEFINE_list("languages", None, "Language codes (any accepted alias); default: the 30 "
+                  "default languages.")
+flags.DEFINE_list("modalities", ["text", "speech"], "Modalities to extract: text, speech.")
+flags.DEFINE_list("sites", None, "Sites to extract (default: all of the model's sites).")
+flags.DEFINE_list("layers", None, "Layer indices for every selected site, negative from the end "
+                  "(default: all).")
+flags.DEFINE_enum("pooling", "mean", ["mean", "max", "first", "last"],
+                  "Pooling over valid positions.")
+flags.DEFINE_integer("batch_size", 16, "Most sentences per batch.")
+flags.DEFINE_float("max_speech_seconds", None, "Cap on a speech batch's padded duration.")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Model dtype.")
+flags.DEFINE_string("device", "auto", "cpu, cuda, cuda:1, ... or auto (cuda when available).")
+flags.DEFINE_string("output_dir", None, "Activation store directory (created or resumed).")
+flags.DEFINE_string("cache_dir", None, "Corpus / speech cache (default $XMODAL_CACHE or "
+                    "~/.cache/xmodal-svcca).")
+flags.DEFINE_bool("progress", True, "Show a progress bar.")
+flags.mark_flag_as_required("output_dir")
+
+
+def load_corpus():
+  """The corpus the flags ask for (speech only when a speech modality is requested)."""
+  from engine import data  # pylint: disable=import-outside-toplevel
+  languages = data.resolve_languages(FLAGS.languages)
+  with_audio = "speech" in FLAGS.modalities
+  if FLAGS.source == "bundled":
+    corpus = data.load_bundled(languages, with_audio=with_audio, cache_dir=FLAGS.cache_dir)
+    if FLAGS.max_sentences is not None:
+      corpus = first_sentences(corpus, FLAGS.max_sentences)
+    return corpus
+  return data.load_fleurs(languages, split=FLAGS.split, local_dir=FLAGS.fleurs_dir,
+                          max_sentences=FLAGS.max_sentences, cache_dir=FLAGS.cache_dir)
+
+
+def first_sentences(corpus, n: int):
+  """Rows of the first n sentence ids (every language keeps the same ids)."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  if n < 1:
+    raise ValueError(f"--max_sentences must be >= 1, got {n}")
+  ids = corpus.select_columns(["id"]).to_pandas()["id"].to_numpy()
+  keep = np.sort(np.unique(ids))[:n]
+  return corpus.select(np.flatnonzero(np.isin(ids, keep)))
+
+
+def parse_layers(values):
+  if values is None:
+    return None
+  try:
+    return [int(v) for v in values]
+  except ValueError:
+    raise ValueError(f"--layers must be integers, got {','.join(values)}") from None
+
+
+def extract_from_flags() -> str:
+  """Runs the extraction the flags describe; returns a one-paragraph summary."""
+  import datasets  # pylint: disable=import-outside-toplevel
+  from engine.extract import extract  # pylint: disable=import-outside-toplevel
+  from engine.models import get_adapter  # pylint: disable=import-outside-toplevel
+  from engine.models.seamless import resolve_device  # pylint: disable=import-outside-toplevel
+  datasets.disable_progress_bars()
+  layers = parse_layers(FLAGS.layers)
+  corpus = load_corpus()
+  adapter = get_adapter(FLAGS.model, device=str(resolve_device(FLAGS.device)), dtype=FLAGS.dtype)
+  report = extract(adapter, corpus, FLAGS.output_dir, modalities=FLAGS.modalities,
+                   sites=FLAGS.sites, layers=layers, pooling=FLAGS.pooling,
+                   batch_size=FLAGS.batch_size, max_speech_seconds=FLAGS.max_speech_seconds,
+                   progress=FLAGS.progress)
+  lines = [f"{len(report.completed)} representations completed, "
+           f"{len(report.already_complete)} already complete, in {FLAGS.output_dir}"]
+  for modality in ("text", "speech"):
+    if report.sentences[modality]:
+      lines.append(f"{modality}: {report.sentences[modality]} sentences, "
+                   f"{report.throughput(modality):.1f} sentences/s")
+  for key, reason in report.skipped.items():
+    lines.append(f"skipped {key}: {reason}")
+  return "\n".join(lines)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  warnings.filterwarnings("ignore", category=FutureWarning)
+  logging.getLogger("datasets").setLevel(logging.WARNING)
+  try:
+    print(extract_from_flags())
+  except KeyboardInterrupt:
+    print("extract: interrupted; re-run the same command to resume", file=sys.stderr)
+    return 130
+  except (ValueError, OSError, ConnectionError, ImportError) as e:
+    message = " ".join(str(e).split())
+    print(f"extract: error: {message}", file=sys.stderr)
+    return 1
+  return 0
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()
