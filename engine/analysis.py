@@ -32,6 +32,7 @@ RESOURCE_ORDER = ("high", "medium", "low", "unknown")
 RESULTS_PARQUET = "results.parquet"
 RESULTS_CSV = "results.csv"
 SUMMARY_JSON = "summary.json"
+PLOTS_DIR = "plots"
 _PRE, _POST = "pre_adaptor", "post_adaptor"
 
 
@@ -302,12 +303,14 @@ class LanguageMatrix(NamedTuple):
 
 
 def _matrix(rows: pd.DataFrame, langs: list[str], symmetric: bool) -> pd.DataFrame:
-  m = pd.DataFrame(np.nan, index=pd.Index(langs, name="a"), columns=pd.Index(langs, name="b"))
-  for a, b, s in rows[["language_a", "language_b", "score"]].itertuples(index=False):
-    m.loc[a, b] = s
-    if symmetric:
-      m.loc[b, a] = s
-  return m
+  position = {code: i for i, code in enumerate(langs)}
+  values = np.full((len(langs), len(langs)), np.nan)
+  i = rows.language_a.map(position).to_numpy(int)
+  j = rows.language_b.map(position).to_numpy(int)
+  values[i, j] = rows.score.to_numpy(float)
+  if symmetric:
+    values[j, i] = rows.score.to_numpy(float)
+  return pd.DataFrame(values, index=pd.Index(langs, name="a"), columns=pd.Index(langs, name="b"))
 
 
 def language_matrices(table: pd.DataFrame, *, sites: tuple[str, str] | None = None

@@ -58,3 +58,33 @@ def test_single_figures(tmp_path):
   (path,) = plots.plot_language_heatmaps(mats, tmp_path, prefix="m", names={"eng": "English"})
   assert path.name == "m01.png" and len(mats) == 3 and len(mats[0].frame) == len(LANGS)
   check_png(path)
+
+
+def test_report_replots_from_the_table_alone(tmp_path):
+  from cli import report
+  synthetic_table().to_csv(tmp_path / A.RESULTS_CSV, index=False)
+  stale = tmp_path / A.PLOTS_DIR / "languages_layer42.png"
+  stale.parent.mkdir()
+  stale.write_bytes(b"old")
+  result = report.report(tmp_path, languages=LANGUAGES)
+  assert result["summary"] == tmp_path / A.SUMMARY_JSON and result["summary"].is_file()
+  assert len(result["plots"]) == 3 + LAYERS and not stale.exists()
+  assert all(p.parent == tmp_path / A.PLOTS_DIR for p in result["plots"])
+  assert result["findings"][0]["rises_with_depth"] is True
+  assert "rises with depth" in report._describe(result)
+
+
+def test_report_cli_errors_are_one_line_naming_the_file(tmp_path):
+  import subprocess
+  import sys
+  synthetic_table().drop(columns=["family"]).to_parquet(tmp_path / A.RESULTS_PARQUET)
+  missing = subprocess.run([sys.executable, "-m", "cli.report", f"--output_dir={tmp_path / 'x'}"],
+                           capture_output=True, text=True)
+  bad = subprocess.run([sys.executable, "-m", "cli.report", f"--output_dir={tmp_path}"],
+                       capture_output=True, text=True)
+  assert missing.returncode == 1 and bad.returncode == 1
+  assert missing.stderr.strip().splitlines()[-1] == (
+      f"report: error: results table {tmp_path / 'x'} does not exist")
+  last = bad.stderr.strip().splitlines()[-1]
+  assert last.startswith(f"report: error: results table {tmp_path / A.RESULTS_PARQUET} lacks "
+                         "column(s) family")
