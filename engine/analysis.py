@@ -66,6 +66,25 @@ def validate_table(table: pd.DataFrame, source: str = "results table") -> pd.Dat
   return out
 
 
+def results_table(plan: Sequence, score, rank_a=None, rank_b=None, *, model: str,
+                  metric: str, n: int | None = None) -> pd.DataFrame:
+  """The tidy table (COLUMNS, in order) for a plan of engine.pairs and its [P] scores."""
+  from engine.pairs import plan_frame  # pylint: disable=import-outside-toplevel
+  table = plan_frame(plan)
+  size = len(table)
+  for name, values in (("score", score), ("rank_a", rank_a), ("rank_b", rank_b)):
+    if values is not None and np.shape(values) != (size,):
+      raise ValueError(f"{name} has shape {np.shape(values)}, the plan has {size} pairs")
+  table.insert(0, "model", model)
+  table["metric"] = metric
+  table["score"] = np.asarray(score, np.float64)
+  missing = np.full(size, -1, np.int64)
+  table["rank_a"] = missing if rank_a is None else np.asarray(rank_a, np.int64)
+  table["rank_b"] = missing if rank_b is None else np.asarray(rank_b, np.int64)
+  table["n"] = -1 if n is None else int(n)
+  return table[list(COLUMNS)]
+
+
 def load_table(path: str | Path) -> pd.DataFrame:
   """Reads a results table: a .parquet/.csv file, or a directory holding results.parquet/.csv."""
   path = Path(path)

@@ -40,15 +40,16 @@ ALIGN_RULES = ("relative", "index")
 SITE_MAP_ROLES = ("text", "speech", "pre_adaptor", "post_adaptor")
 
 # The site pairing of each model family we ship an adapter for (engine/models). The speech side
-# of Seamless lists the adaptor's input and output too, so the cross-modal plan also scores the
-# text encoder's output against speech before and after the length adaptor.
+# lists the adaptor's input and output too (Seamless: the length adaptor; SALMONN: Whisper's
+# output and the window-level Q-Former's), so the cross-modal plan also scores the text side's
+# last layer against speech before and after it, which the adaptor analysis needs.
 DEFAULT_SITE_MAPS: dict[str, dict] = {
     "seamless": {"text": "text_encoder",
                  "speech": ("speech_encoder", "pre_adaptor", "post_adaptor"),
                  "pre_adaptor": "pre_adaptor", "post_adaptor": "post_adaptor"},
     "sonar": {"text": ("text_encoder", "sentence_embedding"),
               "speech": ("speech_encoder", "sentence_embedding")},
-    "salmonn": {"text": "llm", "speech": ("llm", "qformer"),
+    "salmonn": {"text": "llm", "speech": ("llm", "whisper", "qformer"),
                 "pre_adaptor": "whisper", "post_adaptor": "qformer"},
 }
 

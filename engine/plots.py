@@ -124,9 +124,7 @@ def plot_adaptor_effect(effect: pd.DataFrame, path: str | Path, *,
   n = len(effect)
   fig = Figure(figsize=(max(8.0, 0.32 * n + 2.5), 5.4), layout="constrained")
   ax = fig.subplots()
-  x, ticks, start = 0.0, [], {}
-  positions = []
-  previous = None
+  x, start, positions, previous = 0.0, {}, [], None
   for resource in effect.resource:
     if previous is not None and resource != previous:
       x += 0.8  # a gap between resource groups

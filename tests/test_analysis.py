@@ -84,14 +84,19 @@ def synthetic_table() -> pd.DataFrame:
   reps = synthetic_representations()
   plan = P.make_plan("all+adaptor", list(reps), site_map=SITE_MAP)
   scores, _ = score(reps, plan)
-  table = P.plan_frame(plan)
-  table.insert(0, "model", "synthetic")
-  table["metric"] = "svcca"
-  table["score"] = scores
-  table["rank_a"] = D
-  table["rank_b"] = D
-  table["n"] = N
-  return table[list(A.COLUMNS)]
+  ranks = np.full(len(plan), D)
+  return A.results_table(plan, scores, ranks, ranks, model="synthetic", metric="svcca", n=N)
+
+
+def test_results_table_columns():
+  table = synthetic_table()
+  assert tuple(table.columns) == A.COLUMNS
+  assert (table.n == N).all() and (table.rank_a == D).all()
+  assert table.layer_a.dtype == np.int64 and table.score.dtype == np.float64
+  with pytest.raises(ValueError, match=r"score has shape \(2,\), the plan has 3 pairs"):
+    A.results_table([(P.RepKey("eng", "text", "t", i), P.RepKey("deu", "text", "t", i),
+                      "cross_lingual_text") for i in range(3)], [0.1, 0.2], model="m",
+                    metric="svcca")
 
 
 def test_kernel_scores_match_the_numpy_reference():
