@@ -198,9 +198,12 @@ def _index(corpus: datasets.Dataset, with_audio: bool) -> _Index:
   lengths = null = rates = None
   if with_audio:
     audio = corpus.select_columns(["audio"]).with_format("arrow")
-    parts = [audio[i:i + 1024]["audio"] for i in range(0, len(corpus), 1024)]
-    lengths = np.concatenate([pc.fill_null(pc.list_value_length(p), 0).to_numpy() for p in parts])
-    null = np.concatenate([p.is_null().to_numpy() for p in parts])
+    lengths, null = [], []
+    for start in range(0, len(corpus), _SCAN_ROWS):  # zero-copy slices of a memory-mapped
+      part = audio[start:start + _SCAN_ROWS]["audio"]  # corpus; bounded copies otherwise
+      lengths.append(pc.fill_null(pc.list_value_length(part), 0).to_numpy())
+      null.append(part.is_null().to_numpy())
+    lengths, null = np.concatenate(lengths), np.concatenate(null)
     rates = small["sampling_rate"].to_numpy()
   source = corpus_info(corpus).get("source")
   return _Index(small["id"].to_numpy(), small["language"].to_numpy(),
@@ -419,6 +422,7 @@ def _extract_group(adapter, corpus, index: _Index, store: Store, block: _Languag
           writers[key] = store.begin(key, values.shape[1])
         if writers[key].pending(rows):
           writers[key].write(rows, values)
+      store.sync()  # record representations begun by this batch (a no-op after the first)
       bar.update(len(rows))
       if on_batch is not None:
         on_batch(block.code, modality, b)

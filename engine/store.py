@@ -10,7 +10,8 @@ sentences in id order (`metadata['ids']`). A store is a directory:
 
 Why it is crash-safe: rows are written into the memory-mapped array and flushed *before* their
 flags in `.done.npy` are set, so a flag never claims a row that is not on disk; a killed run
-leaves at worst rows that are recomputed. A representation becomes complete once every row is
+leaves at worst rows that are recomputed (and representations begun after the last `sync`,
+which start over). A representation becomes complete once every row is
 flagged: its sha256 goes into the manifest (written to a temporary file, then os.replace), and
 only then is its `.done.npy` removed. Readers see complete representations only, and `load`
 checks the checksum, so half-written data is never returned. Memory stays bounded by the batch:
@@ -206,6 +207,7 @@ class Store:
     self.writable = writable
     self._lock_file = lock_file
     self._verified: dict[Key, tuple] = {}
+    self._dirty = False
 
   # -- opening --------------------------------------------------------------------------------
 
@@ -410,8 +412,17 @@ class Store:
     done = open_memmap(done_path, mode="w+", dtype=np.bool_, shape=(self.n,))
     entry = Entry(key, data_path.name, shape)
     self._entries[key] = entry
-    self._write_manifest()
+    self._dirty = True
     return Writer(self, entry, data, done)
+
+  def sync(self) -> None:
+    """Writes the manifest if representations were begun since it was last written.
+
+    Until then a crash loses only those representations' progress (they start over), so
+    writers are begun in bulk and synced once, not one manifest write each.
+    """
+    if self._dirty:
+      self._write_manifest()
 
   def finish(self, writers: Iterable[Writer]) -> list[Key]:
     """Marks the full writers' representations complete (checksums, one manifest write).
@@ -427,7 +438,7 @@ class Store:
       w.entry.sha256 = file_sha256(self.path / w.entry.file)
       w.entry.complete = True
       completed.append(w)
-    if completed:
+    if completed or self._dirty:
       self._write_manifest()
       for w in completed:
         (self.path / f"{w.key.name}.done.npy").unlink(missing_ok=True)
@@ -444,6 +455,7 @@ class Store:
       raise StoreError(f"activation store {self.path} is open read-only")
 
   def _write_manifest(self) -> None:
+    self._dirty = False
     manifest = {
         "format": FORMAT_VERSION,
         "metadata": self.metadata,

@@ -65,8 +65,14 @@ def test_resume_keeps_written_rows(tmp_path):
   with Store.open(tmp_path, META) as st:
     writer = st.begin(KEY, 4)
     writer.write(np.array([1, 3]), values[[1, 3]])
+    st.sync()
+    other = st.begin(KEY._replace(layer=3), 4)  # begun after the last sync: starts over
+    other.write(np.array([0]), values[:1])
     writer.close()
+    other.close()
   with Store.open(tmp_path, META) as st:
+    assert st.keys(complete=False) == [KEY]
+    np.testing.assert_array_equal(st.begin(KEY._replace(layer=3), 4).missing(), np.arange(5))
     writer = st.begin(KEY, 4)
     np.testing.assert_array_equal(writer.missing(), [0, 2, 4])
     assert not writer.pending(np.array([1, 3])) and writer.pending(np.array([0, 1]))
@@ -83,6 +89,7 @@ def test_crash_between_data_and_flags_recomputes_rows(tmp_path, monkeypatch):
   with Store.open(tmp_path, META) as st:
     writer = st.begin(KEY, 4)
     writer.write(np.array([0, 1]), values[:2])
+    st.sync()
     writer._data[np.array([2, 3])] = 99.0  # data of a batch whose flags never got written
     writer._data.flush()
     writer.close()
