@@ -251,7 +251,8 @@ def _audio_arrays(column: pa.ChunkedArray | pa.Array) -> list[np.ndarray | None]
   if isinstance(column, pa.ChunkedArray):
     column = column.combine_chunks()
   lengths = pc.fill_null(pc.list_value_length(column), 0).to_numpy()
-  flat = pc.list_flatten(column).to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+  # one writable copy per batch: adapters may hand the arrays to torch.from_numpy
+  flat = np.array(pc.list_flatten(column).to_numpy(zero_copy_only=False), dtype=np.float32)
   starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
   valid = column.is_valid().to_numpy(zero_copy_only=False)
   return [flat[s:s + n] if ok else None for s, n, ok in zip(starts, lengths, valid)]
