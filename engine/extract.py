@@ -29,7 +29,7 @@ from engine.data.batching import length_buckets
 from engine.data.corpus import corpus_info
 from engine.models.base import MODALITIES, Adapter
 from engine.models.pooling import POOLINGS, pool
-from engine.store import Key, Store, StoreError, Writer
+from engine.store import Key, Store, Writer
 
 MIN_SPEECH_SECONDS = 0.05  # shorter clips hold no speech (and no model frame)
 SILENCE_PEAK = 1e-4  # peak |amplitude| below this (-80 dBFS) counts as silence
@@ -105,7 +105,7 @@ def extract(adapter: Adapter, corpus: datasets.Dataset, store: Store | str | Pat
         st.mark_skipped(*reason_key.split("."), reason)
     groups = [(b, m) for b in blocks for m in selection
               if m == "text" or speech_ok.get(b.code, False)]
-    total = sum(len(ids) for _ in groups)
+    total = len(ids) * len(groups)
     with _progress_bar(total, progress) as bar:
       for block, modality in groups:
         _extract_group(adapter, corpus, index, st, block, modality, selection[modality],

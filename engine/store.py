@@ -291,6 +291,14 @@ class Store:
           f"{_describe_difference(self.metadata, given)}. Use another output directory, "
           "or delete this one to start over")
 
+  def refresh(self) -> "Store":
+    """Re-reads the manifest (a reader polling a store that another process is writing)."""
+    if self._lock_file is not None:
+      return self  # the writer's view is the manifest
+    fresh = self._read(self.path, False, None)
+    self._entries, self._skipped = fresh._entries, fresh._skipped
+    return self
+
   def close(self) -> None:
     """Releases the write lock (readers need not close)."""
     if self._lock_file is not None:

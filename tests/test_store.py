@@ -126,11 +126,14 @@ def test_checksum_mismatch_is_detected(tmp_path):
   assert reader.load(KEY, verify=False).shape == (5, 4)
 
 
-def test_one_writer_at_a_time(tmp_path):
-  with Store.open(tmp_path, META):
+def test_one_writer_at_a_time_and_readers_follow_it(tmp_path):
+  with Store.open(tmp_path, META) as st:
     with pytest.raises(StoreError, match="being written by pid"):
       Store.open(tmp_path, META)
-    store_lib.open_store(tmp_path)  # readers need no lock
+    reader = store_lib.open_store(tmp_path)  # readers need no lock
+    assert reader.keys() == []
+    st.finish([_write_all(st, KEY, _values())])
+    assert reader.keys() == [] and reader.refresh().keys() == [KEY]
   Store.open(tmp_path, META).close()  # released
 
 
