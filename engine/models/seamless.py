@@ -271,6 +271,10 @@ class SeamlessAdapter(Adapter):
 
   # -- structure ------------------------------------------------------------------------------
 
+  @functools.cached_property
+  def _tokenizer_digest(self) -> str:
+    return tokenizer_digest(self.tokenizer)  # ~1 s for a 256k vocabulary: once
+
   @property
   def adaptor_layers(self) -> list[nn.Module]:
     adapter = self.speech_encoder.adapter
@@ -387,7 +391,7 @@ class SeamlessAdapter(Adapter):
         "weights": self.weights, "dtype": str(self.dtype).replace("torch.", ""),
         "device": str(self.device),
         "tokenizer": {"class": type(self.tokenizer).__name__, "size": len(self.tokenizer),
-                      "digest": tokenizer_digest(self.tokenizer)},
+                      "digest": self._tokenizer_digest},
         "adaptor": {"layers": len(self.adaptor_layers), "kernel": cfg.adaptor_kernel_size,
                     "stride": cfg.adaptor_stride} if self.adaptor_layers else None,
         "mask_adaptor_padding": self.mask_adaptor_padding,
