@@ -236,3 +236,23 @@ def test_not_a_seamless_directory(tmp_path):
              intermediate_size=8).save_pretrained(tmp_path)
   with pytest.raises(ValueError, match="not SeamlessM4T"):
     seamless.load(str(tmp_path))
+
+
+def test_two_adaptor_layers_shorten_twice_and_stay_batch_independent(waves):
+  """Released models have one adaptor layer; with two, each gets its own shortened mask."""
+  from transformers import SeamlessM4TFeatureExtractor
+  config = seamless.random_config("v2", "tiny")
+  config.num_adapter_layers = 2
+  torch.manual_seed(0)
+  full = seamless.model_class("v2")(config).eval()
+  two = seamless.SeamlessAdapter(name="two-adaptors", tokenizer=seamless.tiny_tokenizer(),
+                                 feature_extractor=SeamlessM4TFeatureExtractor(),
+                                 text_encoder=full.text_encoder, speech_encoder=full.speech_encoder)
+  assert two.adaptor_stride == 64
+  assert {s.name: s.layers for s in two.sites()}["post_adaptor"] == 2
+  out = two.run_speech(waves, 16000, "eng")
+  frames = out[("pre_adaptor", 0)].mask.sum(1)
+  once = torch.div(frames, 8, rounding_mode="floor") + 1
+  assert torch.equal(out[("post_adaptor", 0)].mask.sum(1), once)
+  assert torch.equal(out[("post_adaptor", 1)].mask.sum(1), torch.div(once, 8, rounding_mode="floor") + 1)
+  _assert_pooled_equal_single(two, out, lambda w: two.run_speech([w], 16000, "eng"), waves)

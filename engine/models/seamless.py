@@ -24,7 +24,9 @@ the adaptor's own length formula, layer by layer.
 Padding: transformers' adaptor convolves padded frames into the last valid frames of a padded
 batch, so a sentence's post-adaptor activations would depend on its batch-mates. By default
 (`mask_adaptor_padding=True`) padded frames are zeroed after the adaptor's layer norms, exactly
-as a sentence run alone sees zero padding; set it False for transformers' batched behaviour.
+as a sentence run alone sees zero padding (and, for configs with several adaptor layers, each
+layer gets its own shortened mask, where transformers passes the input mask to all); set it
+False for transformers' batched behaviour.
 
 Models: 'seamless-tiny' / 'seamless-v1-tiny' (and '-mid') are randomly initialised configs of
 the same transformers classes with an offline tokenizer (see `tiny_tokenizer`); anything else
@@ -200,9 +202,11 @@ def _first(output):
 
 
 @contextlib.contextmanager
-def _hooks(outputs: dict, inputs: dict, edits: dict | None = None) -> Iterator[None]:
+def _hooks(outputs: dict, inputs: dict, edits: dict | None = None,
+           input_edits: dict | None = None) -> Iterator[None]:
   """Records module outputs ({module: fn(output)}) and inputs ({module: fn(hidden input)});
-  `edits` ({module: fn(output) -> output}) replace a module's output."""
+  `edits` ({module: fn(output) -> output}) replace a module's output, `input_edits`
+  ({module: fn(args, kwargs) -> (args, kwargs)}) its arguments."""
   handles = []
 
   def on_output(fn):
@@ -216,6 +220,9 @@ def _hooks(outputs: dict, inputs: dict, edits: dict | None = None) -> Iterator[N
   def on_edit(fn):
     return lambda module, args, output: fn(output)
 
+  def on_input_edit(fn):
+    return lambda module, args, kwargs: fn(args, kwargs)
+
   try:
     for module, fn in outputs.items():
       handles.append(module.register_forward_hook(on_output(fn)))
@@ -223,6 +230,8 @@ def _hooks(outputs: dict, inputs: dict, edits: dict | None = None) -> Iterator[N
       handles.append(module.register_forward_pre_hook(on_input(fn), with_kwargs=True))
     for module, fn in (edits or {}).items():
       handles.append(module.register_forward_hook(on_edit(fn)))
+    for module, fn in (input_edits or {}).items():
+      handles.append(module.register_forward_pre_hook(on_input_edit(fn), with_kwargs=True))
     yield
   finally:
     for h in handles:
@@ -363,11 +372,19 @@ class SeamlessAdapter(Adapter):
     def zero_padding(j):
       return lambda out: out.masked_fill(~stage_masks[j].unsqueeze(-1), 0.0)
 
+    def own_mask(j):  # transformers gives every adaptor layer the unshortened input mask
+      def fn(args, kwargs):
+        mask_j = stage_masks[j].long()
+        if len(args) > 1:
+          return (args[0], mask_j, *args[2:]), kwargs
+        return args, {**kwargs, "attention_mask": mask_j}
+      return fn
+
     outputs = {layer: _setter(got, (SPEECH_SITE, i + 1)) for i, layer in enumerate(layers[:-1])}
     outputs[enc.encoder.layer_norm] = _setter(got, (SPEECH_SITE, len(layers)))
     outputs[enc.intermediate_ffn] = _setter(got, (FFN_SITE, 0))
     inputs = {layers[0]: _setter(got, (SPEECH_SITE, 0))}
-    edits = {}
+    edits, input_edits = {}, {}
     if adaptors:
       inputs[enc.adapter] = _setter(got, (PRE_ADAPTOR_SITE, 0))
       for j, layer in enumerate(adaptors):
@@ -375,7 +392,9 @@ class SeamlessAdapter(Adapter):
         if self.mask_adaptor_padding:
           edits[layer.residual_layer_norm] = zero_padding(j)
           edits[layer.self_attn_layer_norm] = zero_padding(j)
-    with torch.inference_mode(), _hooks(outputs, inputs, edits):
+          if j > 0:
+            input_edits[layer] = own_mask(j)
+    with torch.inference_mode(), _hooks(outputs, inputs, edits, input_edits):
       got[(OUTPUT_SITE, 0)] = enc(input_features=features,
                                   attention_mask=mask.long()).last_hidden_state
     masks = {SPEECH_SITE: mask, FFN_SITE: mask, PRE_ADAPTOR_SITE: mask,
