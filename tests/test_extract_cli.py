@@ -67,3 +67,17 @@ def test_other_metadata_is_refused(tmp_path, capsys):
   assert _main(capsys, *base)[0] == 0
   status, _, err = _main(capsys, *base, "--pooling=max")
   assert status == 1 and 'pooling: "mean" (store) vs "max" (this run)' in err
+
+
+def test_fleurs_source_from_a_local_copy(tmp_path, capsys):
+  """--source=fleurs reads a local FLEURS-shaped copy (the data tests' fixture builder)."""
+  from tests.test_data_fleurs import make_fleurs
+  make_fleurs(tmp_path / "fleurs", "tsv")
+  status, out, err = _main(capsys, f"--output_dir={tmp_path / 'acts'}", "--source=fleurs",
+                           f"--fleurs_dir={tmp_path / 'fleurs'}", "--languages=eng,deu,swh",
+                           "--layers=-1", "--progress=false")
+  assert status == 0, err
+  st = open_store(tmp_path / "acts")
+  assert st.ids == [10, 11, 13] and st.metadata["corpus"]["source"] == "fleurs"
+  assert Key("swh", "speech", "post_adaptor", 0) in st and Key("deu", "text", "text_encoder", 3) in st
+  assert "speech: 9 sentences" in out
