@@ -7,7 +7,6 @@ windowing, projection and LoRA layers must compute what SALMONN computes from th
 import math
 
 import numpy as np
-import peft
 import pytest
 import torch
 import torch.nn.functional as F

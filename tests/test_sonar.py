@@ -1,13 +1,20 @@
 """SONAR adapter on its tiny random config: sites, masks, pooling against per-sentence runs."""
+import datasets
 import numpy as np
 import pytest
 import torch
 
+from engine.data import FEATURES, load_bundled
+from engine.extract import extract
 from engine.models import get_adapter
 from engine.models.pooling import pool
+from engine.models.seamless import bundled_sentences
+from engine.store import Key, open_store
 from engine.models import sonar
 
 SENTENCES = ["The sun is shining today.", "Hi!", "My brother lives in a small house near the river."]
+CHECKED = (("text", "sentence_embedding", 0), ("text", "text_encoder", 2),
+           ("speech", "sentence_embedding", 0), ("speech", "speech_encoder", 3))
 
 
 @pytest.fixture(scope="module")
@@ -115,3 +122,42 @@ def test_nllb_codes():
   assert sonar.nllb_code("eng") == "eng_Latn" and sonar.nllb_code("cmn") == "zho_Hans"
   with pytest.raises(ValueError, match="qqq"):
     sonar.nllb_code("qqq")
+
+
+def _corpus(languages=("eng", "rus", "cmn"), n=5):
+  """Bundled sentences (real scripts) with synthetic speech (tones in noise, 0.4-1 s)."""
+  bundled = load_bundled(list(languages), with_audio=False).to_pandas()
+  rows = {name: [] for name in FEATURES}
+  rng = np.random.default_rng(1)
+  for code in languages:
+    part = bundled[bundled.language == code].sort_values("id").head(n)
+    for k, (sid, text) in enumerate(zip(part.id, part.text)):
+      t = np.arange(int(16000 * (0.4 + 0.15 * k))) / 16000
+      wave = 0.2 * np.sin(2 * np.pi * (120 + 30 * k) * t) + 0.02 * rng.standard_normal(t.size)
+      for name, value in (("id", int(sid)), ("language", code), ("text", text),
+                          ("audio", wave.astype(np.float32)), ("sampling_rate", 16000)):
+        rows[name].append(value)
+  return datasets.Dataset.from_dict(rows, features=FEATURES)
+
+
+def test_extraction_into_a_store_matches_direct_runs(adapter, tmp_path):
+  corpus = _corpus()
+  extract(adapter, corpus, tmp_path / "acts", batch_size=2, progress=False)
+  st = open_store(tmp_path / "acts")
+  assert len(st.keys()) == 3 * sum(s.layers for s in adapter.sites())
+  frame = corpus.to_pandas()
+  rus = frame[frame.language == "rus"].sort_values("id")
+  for modality, site, layer in CHECKED:
+    if modality == "text":
+      out = adapter.run_text(list(rus.text), "rus")
+    else:
+      out = adapter.run_speech(list(rus.audio.map(lambda a: np.asarray(a, np.float32))), 16000, "rus")
+    cap = out[(site, layer)]
+    stored = np.asarray(st.load(Key("rus", modality, site, layer)))
+    np.testing.assert_allclose(stored, pool(cap.hidden, cap.mask, "mean").numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_tiny_tokenizer_covers_the_bundled_corpus(adapter):
+  unk = adapter.tokenizer.unk_token_id
+  for sentence in bundled_sentences():
+    assert unk not in adapter.tokenizer(sentence, add_special_tokens=False)["input_ids"], sentence

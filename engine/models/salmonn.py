@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import glob
 import math
 import os
@@ -35,6 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from engine.models import seamless
 from engine.models.base import Adapter, Capture, Site
 
 WHISPER_SITE = "whisper"
@@ -47,6 +49,9 @@ DEFAULT_INSTRUCTION = "Recognize the speech and give me the transcription."
 MASK_SCOPES = ("sentence", "all")
 TEXT_PROMPTS = ("template", "plain")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Embedding rows of the tiny LLM: fixed (>= bytes + bundled-corpus BPE), so the random weights
+# never depend on what the bundled corpus holds.
+TINY_VOCAB = 37888
 
 # Released SALMONN builds: Whisper and Vicuna hub ids; the SALMONN checkpoint is a local file.
 RECIPES = {
@@ -171,16 +176,20 @@ def _recording(modules: Sequence[nn.Module]) -> Iterator[list]:
 
 
 def tiny_llama_tokenizer():
-  """A character-level `LlamaTokenizer` with byte fallback (any script encodes), no hub."""
+  """A real `LlamaTokenizer` built offline: LLaMA's <unk>/<s>/</s> and 256 byte-fallback
+  tokens over the bundled-corpus BPE shared with the other tiny models."""
   from transformers import LlamaTokenizer  # pylint: disable=import-outside-toplevel
-  from engine.models.sonar import bundled_characters  # pylint: disable=import-outside-toplevel
+  from engine.models.sonar import bundled_bpe  # pylint: disable=import-outside-toplevel
+  tokens, merges = bundled_bpe()
   vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
   for byte in range(256):
     vocab[f"<0x{byte:02X}>"] = len(vocab)
-  vocab["\u2581"] = len(vocab)
-  for c in bundled_characters():
-    vocab.setdefault(c, len(vocab))
-  return LlamaTokenizer(vocab=vocab, merges=[])
+  for token in tokens:
+    if token != "<pad>":
+      vocab.setdefault(token, len(vocab))
+  if len(vocab) > TINY_VOCAB:
+    raise ValueError(f"offline LLaMA tokenizer has {len(vocab)} tokens, more than TINY_VOCAB")
+  return LlamaTokenizer(vocab=vocab, merges=merges)
 
 
 def build_tiny(seed: int = 0):
@@ -201,7 +210,7 @@ def build_tiny(seed: int = 0):
       cross_attention_frequency=1, encoder_hidden_size=32, hidden_dropout_prob=0.0,
       attention_probs_dropout_prob=0.0)
   llama_cfg = LlamaConfig(
-      vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+      vocab_size=TINY_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
       bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-6, attention_dropout=0.0)
   lora = peft.LoraConfig(r=4, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
@@ -231,7 +240,7 @@ class SalmonnAdapter(Adapter):
     self.tokenizer = tokenizer
     self.features = feature_extractor
     self.options = options
-    self.device = torch.device(device)
+    self.device = seamless.resolve_device(device)
     self.dtype = torch_dtype(dtype)
     self.model = model.to(self.device, self.dtype).eval()
     self.weights = weights or {}
@@ -245,6 +254,10 @@ class SalmonnAdapter(Adapter):
     left, right = options.prompt_template.format(options.instruction).split(SPEECH_SLOT)
     self._left = self._ids(left)
     self._right = self._ids(right)
+
+  @functools.cached_property
+  def _tokenizer_digest(self) -> str:
+    return seamless.tokenizer_digest(self.tokenizer)
 
   # -- interface ------------------------------------------------------------------------------
 
@@ -309,6 +322,8 @@ class SalmonnAdapter(Adapter):
     return {
         "name": self.name, "family": "salmonn", "dtype": str(self.dtype).replace("torch.", ""),
         "device": str(self.device), "weights": self.weights, "beats": beats,
+        "tokenizer": {"class": type(self.tokenizer).__name__, "size": len(self.tokenizer),
+                      "digest": self._tokenizer_digest},
         "window_frames": self.kernel, "stride_frames": self.stride, "windows": self.n_windows,
         "queries_per_window": self.model.num_queries, "chunk_seconds": self.chunk_seconds,
         "prompt_template": o.prompt_template, "instruction": o.instruction,
@@ -353,7 +368,7 @@ def _pad_waves(waves: list[np.ndarray], device, dtype):
   batch = torch.zeros(len(waves), length, dtype=dtype, device=device)
   pad = torch.ones(len(waves), length, dtype=torch.bool, device=device)
   for i, w in enumerate(waves):
-    batch[i, : len(w)] = torch.from_numpy(w).to(device, dtype)
+    batch[i, : len(w)] = torch.tensor(w, dtype=dtype, device=device)
     pad[i, : len(w)] = False
   return batch, pad
 

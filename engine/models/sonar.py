@@ -19,13 +19,20 @@ Sites (key = (site, layer)):
 * ('sentence_embedding', 0) for both modalities: SONAR's sentence vector, T=1, mask all True.
 Text masks cover every non-pad token including the language token and </s>, as SONAR pools
 them, so mean pooling of ('text_encoder', L) equals the text sentence embedding.
+
+Models: 'sonar-tiny' is a seeded random config of the same classes with an offline
+`NllbTokenizer` (NLLB special tokens and language codes over the BPE SeamlessM4T's tiny
+tokenizer learns on the bundled corpus) and one speech encoder shared by every language; real
+weights are the transformers port of the text encoder (`from_pretrained`) or fairseq2
+checkpoints converted by engine.models.convert_sonar, one speech encoder per language.
 """
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
+import functools
 import glob
+import json
 import math
 import os
 from typing import Iterator, Mapping, Sequence
@@ -34,6 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from engine.models import seamless
 from engine.models.base import Adapter, Capture, Site
 
 TEXT_SITE = "text_encoder"
@@ -41,6 +49,9 @@ SPEECH_SITE = "speech_encoder"
 EMBEDDING_SITE = "sentence_embedding"
 SAMPLING_RATE = 16000
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Embedding rows of the tiny text encoder: fixed (>= BPE vocabulary + NLLB language codes +
+# <mask>), so the random weights never depend on what the bundled corpus holds.
+TINY_VOCAB = 37888
 
 # Canonical (SeamlessM4T) code -> NLLB/FLoRes code, used until engine.data.languages provides it.
 _NLLB = {
@@ -66,18 +77,13 @@ _NLLB = {
 
 
 def nllb_code(language: str) -> str:
-  """Canonical language code -> NLLB code ('eng' -> 'eng_Latn'), from engine.data when present."""
+  """Language code -> NLLB code ('eng' -> 'eng_Latn'): engine.data's table (any alias it
+  accepts), then SONAR's wider set of canonical codes."""
+  from engine.data import languages  # pylint: disable=import-outside-toplevel
   try:
-    from engine.data import languages as table  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    table = None
-  if table is not None:
-    frame = table.language_table()
-    column = next((c for c in ("nllb", "nllb_code") if c in frame.columns), None)
-    if column is not None and "code" in frame.columns:
-      rows = frame[frame["code"] == language]
-      if len(rows):
-        return str(rows[column].iloc[0])
+    return languages.get_language(language).nllb
+  except ValueError:
+    pass
   if language in _NLLB:
     return _NLLB[language]
   raise ValueError(f"no NLLB code known for language {language!r}; use a canonical code like 'eng'")
@@ -95,25 +101,33 @@ def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
 # Offline tokenizer for the tiny config.
 
 
-def bundled_characters() -> list[str]:
-  """Every character of the bundled corpus (engine/data/bundled/*.tsv) plus printable ASCII."""
-  import engine.data  # pylint: disable=import-outside-toplevel
-  chars = {chr(c) for c in range(33, 127)}
-  for path in sorted(glob.glob(os.path.join(os.path.dirname(engine.data.__file__), "bundled", "*.tsv"))):
-    with open(path, encoding="utf-8", newline="") as f:
-      for row in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE):
-        chars.update(row.get("text") or "")
-  chars.discard(" ")
-  return sorted(c for c in chars if not c.isspace())
+def bundled_bpe() -> tuple[list[str], list[tuple[str, str]]]:
+  """(tokens, merges) of the BPE that SeamlessM4T's offline tokenizer learns on the bundled
+  corpus over a fixed all-scripts alphabet (shared, so the tiny models of all families cut
+  sentences the same way); its four special tokens come first."""
+  model = json.loads(seamless._tiny_tokenizer_json(seamless.TINY_MERGES))["model"]  # pylint: disable=protected-access
+  tokens = [t for t, _ in sorted(model["vocab"].items(), key=lambda item: item[1])]
+  merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+  return tokens, merges
 
 
 def tiny_nllb_tokenizer():
-  """A character-level `NllbTokenizer` (same special tokens and language codes as NLLB), no hub."""
+  """A real `NllbTokenizer` built offline: NLLB's special tokens (<s>=0, <pad>=1, </s>=2,
+  <unk>=3) and language codes (eng_Latn, ...) over the bundled-corpus BPE."""
+  from tokenizers import Regex, normalizers  # pylint: disable=import-outside-toplevel
   from transformers import NllbTokenizer  # pylint: disable=import-outside-toplevel
-  vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, "\u2581": 4}
-  for c in bundled_characters():
-    vocab.setdefault(c, len(vocab))
-  return NllbTokenizer(vocab=vocab, merges=[])
+  tokens, merges = bundled_bpe()
+  vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
+  for token in tokens:
+    vocab.setdefault(token, len(vocab))
+  tokenizer = NllbTokenizer(vocab=vocab, merges=merges)
+  # NFKC, as NLLB's SentencePiece normaliser (and the BPE's training) does: full-width
+  # punctuation and compatibility forms map into the alphabet.
+  tokenizer.backend_tokenizer.normalizer = normalizers.Sequence(
+      [normalizers.Replace(Regex(r"[\n\r\t]"), " "), normalizers.NFKC()])
+  if len(tokenizer) > TINY_VOCAB:
+    raise ValueError(f"offline NLLB tokenizer has {len(tokenizer)} tokens, more than TINY_VOCAB")
+  return tokenizer
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,7 +269,7 @@ def _recording_input(module: nn.Module) -> Iterator[list]:
 # Tiny random configuration.
 
 
-def tiny_text_config(vocab_size: int):
+def tiny_text_config(vocab_size: int = TINY_VOCAB):
   from transformers import M2M100Config  # pylint: disable=import-outside-toplevel
   return M2M100Config(
       vocab_size=vocab_size, d_model=32, encoder_layers=3, encoder_attention_heads=4,
@@ -292,7 +306,7 @@ def build_tiny(seed: int = 0):
   tokenizer = tiny_nllb_tokenizer()
   with torch.random.fork_rng(devices=[]):
     torch.manual_seed(seed)
-    text = M2M100Encoder(tiny_text_config(len(tokenizer)))
+    text = M2M100Encoder(tiny_text_config())
     config, pooler = tiny_speech_config()
     speech = SonarSpeechEncoder(config, pooler)
     _perturb_batch_norms(speech, torch.Generator().manual_seed(seed + 1))
@@ -318,13 +332,17 @@ class SonarAdapter(Adapter):
     from transformers import SeamlessM4TFeatureExtractor  # pylint: disable=import-outside-toplevel
     self.name = name
     self.tokenizer = tokenizer
-    self.device = torch.device(device)
+    self.device = seamless.resolve_device(device)
     self.dtype = torch_dtype(dtype)
     self.text_encoder = text_encoder.to(self.device, self.dtype).eval()
     self.speech_encoders = dict(speech_encoders)
     self.features = SeamlessM4TFeatureExtractor()
     self.weights = weights or {}
     self._speech: tuple[str, SonarSpeechEncoder] | None = None
+
+  @functools.cached_property
+  def _tokenizer_digest(self) -> str:
+    return seamless.tokenizer_digest(self.tokenizer)
 
   # -- interface ------------------------------------------------------------------------------
 
@@ -368,6 +386,10 @@ class SonarAdapter(Adapter):
                  language: str) -> dict[tuple[str, int], Capture]:
     if sampling_rate != SAMPLING_RATE:
       raise ValueError(f"SONAR takes {SAMPLING_RATE} Hz speech; got sampling_rate={sampling_rate}")
+    short = [i for i, a in enumerate(audios) if len(a) < seamless.MIN_SAMPLES]
+    if short:
+      raise ValueError(f"speech items {short} of this batch are too short for one speech frame "
+                       f"(at least {seamless.MIN_SAMPLES} samples)")
     encoder = self._speech_encoder(language)
     batch = self.features([np.asarray(a, dtype=np.float32) for a in audios],
                           sampling_rate=SAMPLING_RATE, padding=True, return_tensors="pt",
@@ -384,6 +406,8 @@ class SonarAdapter(Adapter):
     return {
         "name": self.name, "family": "sonar", "dtype": str(self.dtype).replace("torch.", ""),
         "device": str(self.device), "weights": self.weights,
+        "tokenizer": {"class": type(self.tokenizer).__name__, "size": len(self.tokenizer),
+                      "digest": self._tokenizer_digest},
         "speech_languages": sorted(self.speech_encoders),
         "text_pooling": "masked mean over all non-pad tokens ([lang] tokens </s>)",
         "speech_pooling": "attention pooler (BOS query, post-norm decoder, bias-free linear)",
