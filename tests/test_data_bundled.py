@@ -1,8 +1,11 @@
 """The bundled offline corpus: valid parallel text in every default language, speech where
 espeak-ng can speak the language, and an honest report where it cannot."""
+import re
+
+import numpy as np
 import pytest
 
-from engine.data import (DEFAULT_LANGUAGES, bundled, corpus, corpus_info, load_bundled,
+from engine.data import (DEFAULT_LANGUAGES, bundled, corpus, corpus_info, load_bundled, speech,
                          speech_support)
 
 
@@ -46,6 +49,27 @@ def test_speech_where_espeak_can_and_a_report_where_it_cannot(tmp_path):
 def test_every_language_without_speech_is_reported():
   missing = sorted(code for code, voice in speech_support(DEFAULT_LANGUAGES).items() if not voice)
   assert missing == ["khk", "yor", "zul"]
+
+
+def test_every_language_with_a_voice_can_read_its_bundled_text():
+  for code, voice in speech_support(DEFAULT_LANGUAGES).items():
+    if voice:
+      spoken = list(bundled.read_bundled_text(code).reading.values())
+      assert speech.unreadable_characters(spoken, code) == [], code
+
+
+def test_japanese_is_spoken_from_its_kana_reading_and_keeps_its_kanji_text(tmp_path):
+  jpn = bundled.read_bundled_text("jpn")
+  kanji = re.compile(r"[\u4e00-\u9fff]")
+  assert sum(bool(kanji.search(s)) for s in jpn.text.values()) > 48
+  assert not any(kanji.search(s) for s in jpn.reading.values())
+  assert speech.unreadable_characters(list(jpn.text.values()), "jpn")
+  rows = "".join(f"{i}\t{jpn.text[i]}\t{jpn.reading[i]}\n" for i in (1, 2))
+  (tmp_path / "jpn.tsv").write_text("id\ttext\treading\n" + rows, encoding="utf-8")
+  ds = load_bundled(["jpn"], directory=tmp_path, cache_dir=tmp_path / "cache")
+  assert corpus_info(ds)["speech"] == {"jpn": "ja"} and ds["text"] == [jpn.text[1], jpn.text[2]]
+  spoken = speech.synthesize([jpn.reading[2]], "jpn", cache=False)[0]
+  np.testing.assert_array_equal(ds[1]["audio"], spoken)
 
 
 def _write(directory, language, rows, header="id\ttext"):

@@ -2,9 +2,10 @@
 
 Text lives in the package as engine/data/bundled/{code}.tsv (header `id<TAB>text`, one sentence
 a line, no quoting). An optional third column `reading` gives the text espeak-ng should speak
-when the written form is one its voice cannot read (e.g. kana for Japanese kanji); the `text`
-column is what models see. Speech comes from engine.data.speech; languages espeak-ng cannot
-speak keep their text and get audio None, with a warning and an entry in corpus_info(ds).
+when the written form is one its voice cannot read (e.g. kana for Japanese kanji, spaced by
+phrase, with the particles は/へ written as spoken, わ/え, since espeak-ng reads kana literally);
+the `text` column is what models see. Speech comes from engine.data.speech; languages espeak-ng
+cannot speak keep their text and get audio None, with a warning and an entry in corpus_info(ds).
 """
 from __future__ import annotations
 
