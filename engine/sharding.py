@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 PAIR_AXIS = "pairs"
 _DTYPES = ("float32", "float64")
@@ -66,6 +66,7 @@ def map_pairs(block: Callable, replicated, pairs: np.ndarray, *, mesh: Mesh,
   pad = np.zeros((padded - count, pairs.shape[1]), pairs.dtype)  # pair (0, 0): valid, dropped
   full = np.concatenate([pairs, pad])
   full = jax.device_put(full, NamedSharding(mesh, P(PAIR_AXIS)))
+  replicated = jax.device_put(replicated, NamedSharding(mesh, P()))
   out = sharded(block, mesh)(replicated, full)
   return np.asarray(jax.device_get(out))[:count]
 

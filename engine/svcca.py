@@ -12,7 +12,8 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from typing import Any, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -195,8 +196,21 @@ def _svcca_pair(ua, sa, wa, ka, ub, sb, wb, kb):
   """Mean canonical correlation: singular values of U_a^T U_b, over min(k_a, k_b)."""
   del sa, sb, wa, wb
   m = _cross(ua, ub)
-  ev = jnp.linalg.eigvalsh(jnp.matmul(m.T, m, precision=HIGHEST))  # ascending
+  ev = eigenvalues(jnp.matmul(m.T, m, precision=HIGHEST))  # ascending
   return jnp.sum(_top(_rho(ev), ka, kb)) / jnp.minimum(ka, kb)
+
+
+def eigenvalues(g: jax.Array) -> jax.Array:
+  """Ascending eigenvalues of a symmetric matrix, without eigenvectors.
+
+  Householder tridiagonalisation (LAPACK sytrd on CPU, cuSOLVER on GPU) then bisection on the
+  tridiagonal: several times cheaper than eigvalsh, which computes eigenvectors it drops.
+  TPUs have no tridiagonal reduction; they use their Jacobi eigh.
+  """
+  if jax.default_backend() == "tpu":
+    return jnp.linalg.eigvalsh(g)
+  _, d, e, _ = jax.lax.linalg.tridiagonal(g)
+  return jax.scipy.linalg.eigh_tridiagonal(d, e, eigvals_only=True)
 
 
 def _rho(ev: jax.Array) -> jax.Array:
@@ -233,7 +247,7 @@ def _cka_pair(ua, sa, wa, ka, ub, sb, wb, kb):
 _PAIR_FNS = {"svcca": _svcca_pair, "pwcca": _pwcca_pair, "cka": _cka_pair}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _pairs_fn(metric: str, chunk_size: int):
   """Scores a block of pairs in chunks: each chunk is one batched GEMM + batched eigensolves."""
   one = _PAIR_FNS[metric]
@@ -284,6 +298,12 @@ def pair_scores(bases: Bases, pairs, *, metric: str = "svcca", mesh=None,
   d = 0 if bases.w is None else bases.w.shape[-1]
   chunk = chunk_size or auto_chunk_size(n, k, d, itemsize=np.dtype(bases.u.dtype).itemsize)
   mesh = mesh or sharding.pair_mesh()
+  if metric != "cka" and mesh.devices.flat[0].platform == "cpu":
+    # jaxlib's batched LAPACK kernels fan a batch out onto the intra-op thread pool and block
+    # until it drains; with several CPU devices every pool thread can be such a waiter and
+    # the program deadlocks. One pair at a time keeps each eigensolve unbatched, and on any
+    # number of CPU devices runs the same per-pair program, so results agree bit for bit.
+    chunk = 1
   scores = sharding.map_pairs(_pairs_fn(metric, chunk), tuple(bases),
                               pairs, mesh=mesh, chunk_size=chunk)
   return PairResult(np.asarray(scores, np.float64), rank[pairs[:, 0]], rank[pairs[:, 1]])

@@ -7,7 +7,6 @@ import sys
 import warnings
 
 import chex
-import jax
 import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
@@ -237,6 +236,10 @@ reps = structured_reps(seed=11, widths=(24, 40, 32, 40, 16, 28))
 assert jax.device_count() == int(sys.argv[1]), jax.devices()
 out = {m: svcca.pairwise(reps, metric=m).tolist() for m in svcca.METRICS}
 out["chunk1"] = svcca.pairwise_svcca(reps, pairs=svcca.all_pairs(6)).tolist()
+# Wide enough that each device runs LAPACK eigensolves over many pairs at once.
+wide = structured_reps(seed=3, n=600, widths=(160, 200, 180, 200, 120, 160), latent=48)
+for m in ("svcca", "pwcca"):
+  out["wide_" + m] = svcca.pairwise(wide, metric=m).tolist()
 print(json.dumps(out))
 """
 
@@ -246,7 +249,7 @@ def _run_devices(count: int, dtype: str = "float32") -> dict:
   env.pop("XLA_FLAGS", None)
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   proc = subprocess.run([sys.executable, "-c", _DEVICE_SCRIPT, str(count), dtype], env=env,
-                        cwd=root, capture_output=True, text=True, timeout=600)
+                        cwd=root, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -256,7 +259,11 @@ class DevicesTest(absltest.TestCase):
   def test_one_and_eight_devices_agree(self):
     one, eight = _run_devices(1), _run_devices(8)
     for key in one:
-      np.testing.assert_allclose(one[key], eight[key], atol=1e-6, err_msg=key)
+      # PWCCA's weights come from eigenvectors; with dozens of canonical correlations within
+      # 1e-3 of each other, float32 LAPACK rounding (OpenBLAS threading differs with the number
+      # of devices calling it) moves them by a few 1e-6.
+      atol = 1e-5 if key == "wide_pwcca" else 1e-6
+      np.testing.assert_allclose(one[key], eight[key], atol=atol, err_msg=key)
 
   def test_float64_matches_reference_tightly(self):
     got = _run_devices(2, "float64")
