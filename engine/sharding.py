@@ -65,10 +65,21 @@ def map_pairs(block: Callable, replicated, pairs: np.ndarray, *, mesh: Mesh,
   padded = max(unit, -(-count // unit) * unit)
   pad = np.zeros((padded - count, pairs.shape[1]), pairs.dtype)  # pair (0, 0): valid, dropped
   full = np.concatenate([pairs, pad])
-  full = jax.device_put(full, NamedSharding(mesh, P(PAIR_AXIS)))
-  replicated = jax.device_put(replicated, NamedSharding(mesh, P()))
+  full = _place(full, NamedSharding(mesh, P(PAIR_AXIS)))
+  replicated = jax.tree.map(lambda x: _place(x, NamedSharding(mesh, P())), replicated)
   out = sharded(block, mesh)(replicated, full)
+  if not out.is_fully_addressable:  # several processes: each holds its devices' scores
+    from jax.experimental import multihost_utils
+    out = multihost_utils.process_allgather(out, tiled=True)
   return np.asarray(jax.device_get(out))[:count]
+
+
+def _place(x, sharding: NamedSharding) -> jax.Array:
+  """Puts a value every process holds in full onto the (possibly multi-process) mesh."""
+  if jax.process_count() == 1:
+    return jax.device_put(x, sharding)
+  host = np.asarray(x)
+  return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
 def device_summary(mesh: Mesh) -> str:

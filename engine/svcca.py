@@ -298,11 +298,11 @@ def pair_scores(bases: Bases, pairs, *, metric: str = "svcca", mesh=None,
   d = 0 if bases.w is None else bases.w.shape[-1]
   chunk = chunk_size or auto_chunk_size(n, k, d, itemsize=np.dtype(bases.u.dtype).itemsize)
   mesh = mesh or sharding.pair_mesh()
-  if metric != "cka" and mesh.devices.flat[0].platform == "cpu":
+  if metric != "cka" and mesh.size > 1 and mesh.devices.flat[0].platform == "cpu":
     # jaxlib's batched LAPACK kernels fan a batch out onto the intra-op thread pool and block
     # until it drains; with several CPU devices every pool thread can be such a waiter and
-    # the program deadlocks. One pair at a time keeps each eigensolve unbatched, and on any
-    # number of CPU devices runs the same per-pair program, so results agree bit for bit.
+    # the program deadlocks. One pair at a time keeps each eigensolve unbatched; the devices
+    # share the same cores, so they still keep them busy.
     chunk = 1
   scores = sharding.map_pairs(_pairs_fn(metric, chunk), tuple(bases),
                               pairs, mesh=mesh, chunk_size=chunk)

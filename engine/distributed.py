@@ -1,0 +1,114 @@
+"""Several processes (hosts) as one sweep: `jax.distributed`, shares of work, and exchange.
+
+Each process extracts its share of the representations and computes their bases; the bases
+are then all-gathered through JAX collectives so every process holds all of them, the pair
+axis is sharded over the mesh of every process's devices, and the scores are gathered back.
+Only process 0 writes results. With one process every function here is a no-op.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import TypeVar
+
+import jax
+import numpy as np
+
+T = TypeVar("T")
+
+# Environment variables by which cluster launchers announce a multi-process job; JAX's own
+# cluster detection reads them (Cloud TPU metadata, SLURM, Open MPI, Kubernetes JobSet...).
+_CLUSTER_ENV = ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES",
+                "MEGASCALE_COORDINATOR_ADDRESS", "JAX_COORDINATOR_ADDRESS")
+
+
+def initialize(coordinator: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, *, auto: bool = True) -> bool:
+  """Joins a multi-process job; returns True when there is more than one process.
+
+  With an explicit coordinator ('host:port'), process count and id, those are used (the way to
+  run several CPU processes on one machine or across machines without a cluster manager).
+  Otherwise, where a cluster launcher is detected and `auto`, JAX finds the values itself.
+  Must run before anything touches a JAX device.
+  """
+  explicit = coordinator is not None or num_processes is not None or process_id is not None
+  if explicit:
+    missing = [name for name, v in (("coordinator", coordinator),
+                                    ("num_processes", num_processes),
+                                    ("process_id", process_id)) if v is None]
+    if missing:
+      raise ValueError(f"multi-process runs need coordinator, num_processes and process_id; "
+                       f"missing {', '.join(missing)}")
+    if not 0 <= process_id < num_processes:
+      raise ValueError(f"process_id {process_id} is not in [0, {num_processes})")
+    if num_processes == 1:
+      return False
+  elif not (auto and any(v in os.environ for v in _CLUSTER_ENV)):
+    return False
+  # Cross-process collectives between CPU devices go through gloo (GPUs and TPUs use their own).
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                             process_id=process_id)
+  return jax.process_count() > 1
+
+
+def is_leader() -> bool:
+  """Process 0 writes outputs; the others only compute."""
+  return jax.process_index() == 0
+
+
+def share(items: Sequence[T], index: int | None = None, count: int | None = None) -> list[T]:
+  """This process's share of `items`: a contiguous block, sizes differing by at most one."""
+  index = jax.process_index() if index is None else index
+  count = jax.process_count() if count is None else count
+  bounds = np.linspace(0, len(items), count + 1).round().astype(int)
+  return list(items[bounds[index]:bounds[index + 1]])
+
+
+def allgather(x: np.ndarray) -> np.ndarray:
+  """Concatenates every process's `x` along axis 0 (shapes may differ along axis 0 only).
+
+  Rows are padded to the largest share for the collective and the padding dropped again.
+  """
+  x = np.asarray(x)
+  if jax.process_count() == 1:
+    return x
+  from jax.experimental import multihost_utils
+  rows = multihost_utils.process_allgather(np.asarray([x.shape[0]], np.int64)).reshape(-1)
+  pad = int(rows.max()) - x.shape[0]
+  padded = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)]) if pad else x
+  gathered = np.asarray(multihost_utils.process_allgather(padded))  # [processes, rows, ...]
+  return np.concatenate([gathered[p, :int(r)] for p, r in enumerate(rows)])
+
+
+def agree(value: int) -> int:
+  """The maximum of an integer over all processes (e.g. a common padded width)."""
+  if jax.process_count() == 1:
+    return int(value)
+  return int(allgather(np.asarray([value], np.int64)).max())
+
+
+def barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def gather_bases(local):
+  """Every process's `svcca.Bases` (of its share of representations, in process order) -> all.
+
+  Widths are padded to the widest share; the padding is zero columns past every rank, which
+  the pair stage masks, so scores do not change.
+  """
+  from engine.svcca import Bases
+  if jax.process_count() == 1:
+    return local
+  u, s, rank = np.asarray(local.u), np.asarray(local.s), np.asarray(local.rank)
+  width = agree(u.shape[-1])
+  pad = width - u.shape[-1]
+  u = np.pad(u, [(0, 0), (0, 0), (0, pad)])
+  s = np.pad(s, [(0, 0), (0, pad)])
+  w = None
+  if local.w is not None:
+    w = allgather(np.pad(np.asarray(local.w), [(0, 0), (0, pad), (0, 0)]))
+  return Bases(u=allgather(u), s=allgather(s), w=w, rank=allgather(rank))
