@@ -37,6 +37,22 @@ def default_dtype() -> np.dtype:
   return np.dtype(np.float64 if jax.config.jax_enable_x64 else np.float32)
 
 
+@functools.cache
+def single_threaded_lapack() -> None:
+  """Keeps the LAPACK behind jaxlib's CPU linear algebra (SciPy's OpenBLAS) on one thread.
+
+  OpenBLAS worker threads spin after each call and fight XLA's own intra-op threads for the
+  cores; in the pair stage, where XLA GEMMs and small LAPACK calls alternate, that made the
+  LAPACK calls ~20x slower on 2 cores. XLA already runs a batch of them in parallel. NumPy's
+  own OpenBLAS (a separate library) is left alone.
+  """
+  import scipy.linalg  # noqa: F401  (loads SciPy's OpenBLAS, the one jaxlib calls)
+  from threadpoolctl import ThreadpoolController
+  for lib in ThreadpoolController().lib_controllers:
+    if "scipy" in os.path.basename(lib.filepath) and "64_" not in os.path.basename(lib.filepath):
+      lib.set_num_threads(1)
+
+
 def pair_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A 1-D mesh over `devices` (default: all devices of all processes), axis 'pairs'."""
   devices = list(devices) if devices is not None else jax.devices()

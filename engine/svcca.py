@@ -161,6 +161,7 @@ def compute_bases(reps, *, metric: str = "svcca", threshold: float = 0.99,
   """
   threshold = _metric_threshold(metric, threshold)
   arrays = as_representations(reps, names)
+  sharding.single_threaded_lapack()
   dtype = np.dtype(dtype or sharding.default_dtype())
   x = jnp.asarray(_stack(arrays, dtype))
   u, s, w, rank = _bases(x, threshold=threshold, with_weights=metric == "pwcca")
@@ -298,6 +299,7 @@ def pair_scores(bases: Bases, pairs, *, metric: str = "svcca", mesh=None,
   d = 0 if bases.w is None else bases.w.shape[-1]
   chunk = chunk_size or auto_chunk_size(n, k, d, itemsize=np.dtype(bases.u.dtype).itemsize)
   mesh = mesh or sharding.pair_mesh()
+  sharding.single_threaded_lapack()
   if metric != "cka" and mesh.size > 1 and mesh.devices.flat[0].platform == "cpu":
     # jaxlib's batched LAPACK kernels fan a batch out onto the intra-op thread pool and block
     # until it drains; with several CPU devices every pool thread can be such a waiter and
