@@ -1,0 +1,133 @@
+"""The main job: extract a corpus through a model, score every planned pair, analyse, plot.
+
+  python -m cli.sweep                       # the offline default: bundled corpus, seamless-tiny
+  python -m cli.sweep --model=facebook/seamless-m4t-v2-large --source=fleurs \
+      --model_dtype=bfloat16 --batch_size=32 --output_dir=runs/seamless-large
+
+With no flags it runs end to end offline into runs/default: the bundled corpus in every bundled
+language, text and speech, tiny random SeamlessM4T v2, all sites and layers, SVCCA at 0.99, and
+the paper's comparison families. Writes results.parquet / results.csv, summary.json and plots/
+(by cli.report) next to the activation store and the checkpoints. Re-running the same command
+resumes; other settings on an existing output directory are refused (--overwrite discards it).
+Errors are printed as one line and the exit status is 1.
+"""
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import warnings
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", "seamless-tiny",
+                    "seamless-tiny | sonar-tiny | salmonn-tiny (random, offline), a hub id such "
+                    "as facebook/seamless-m4t-v2-large, or a local directory.")
+flags.DEFINE_enum("source", "bundled", ["bundled", "fleurs"],
+                  "Corpus: the bundled offline corpus (espeak-ng speech) or FLEURS.")
+flags.DEFINE_string("fleurs_dir", None, "Local FLEURS copy; without it FLEURS comes from the Hub.")
+flags.DEFINE_string("split", "test", "FLEURS split.")
+flags.DEFINE_integer("max_sentences", None, "Keep only the first N sentence ids (quick runs).")
+flags.DEFINE_list("languages", None, "Language codes (any accepted alias); default: every "
+                  "bundled language, or the 30 default languages for FLEURS.")
+flags.DEFINE_list("modalities", ["text", "speech"], "text, speech or both.")
+flags.DEFINE_list("sites", None, "Sites to extract (default: every site of the model).")
+flags.DEFINE_list("layers", None, "Layer indices for every site, negative from the end "
+                  "(default: all).")
+flags.DEFINE_enum("pooling", "mean", ["mean", "max", "first", "last"],
+                  "Pooling over valid positions.")
+flags.DEFINE_enum("model_dtype", "float32", ["float32", "bfloat16", "float16"],
+                  "Dtype the model runs in.")
+flags.DEFINE_enum("metric", "svcca", ["svcca", "pwcca", "cka"], "Similarity measure.")
+flags.DEFINE_float("threshold", 0.99, "Variance kept by the SVD step (svcca, pwcca).")
+flags.DEFINE_string("plan", "paper", "Comparison plan: 'paper' (cross-modal, cross-lingual "
+                    "text and speech, and the adaptor where the model has one), or all, "
+                    "cross_modal, cross_lingual_text, cross_lingual_speech, adaptor, cross_layer, "
+                    "joined with '+'.")
+flags.DEFINE_string("pivot", None, "Cross-lingual pairs only against this language (e.g. eng).")
+flags.DEFINE_enum("dtype", "float32", ["float32", "float64"], "Dtype of the SVD and pair kernel.")
+flags.DEFINE_string("devices", "auto", "Devices of the pair mesh: a count, 'all', or 'auto' "
+                    "(every accelerator; one device on CPU).")
+flags.DEFINE_string("device", "auto", "Torch device of the model: cpu, cuda, cuda:1, auto.")
+flags.DEFINE_integer("batch_size", 16, "Most sentences per extraction batch.")
+flags.DEFINE_float("max_speech_seconds", None, "Cap on a speech batch's padded duration.")
+flags.DEFINE_integer("chunk_pairs", None, "Most pairs per checkpointed chunk (default: one "
+                     "chunk per pair of (site, layer) places).")
+flags.DEFINE_string("output_dir", "runs/default", "Sweep directory (created, or resumed).")
+flags.DEFINE_bool("overwrite", False, "Discard what the sweep wrote to --output_dir before.")
+flags.DEFINE_bool("report", True, "Write summary.json and plots/ (cli.report) at the end.")
+flags.DEFINE_string("cache_dir", None, "Corpus / speech cache (default $XMODAL_CACHE or "
+                    "~/.cache/xmodal-svcca).")
+flags.DEFINE_bool("progress", True, "Show progress bars.")
+
+
+def config_from_flags():
+  """The SweepConfig the flags describe."""
+  from engine.sweep import SweepConfig, SweepError  # pylint: disable=import-outside-toplevel
+  layers = None
+  if FLAGS.layers:
+    try:
+      layers = tuple(int(v) for v in FLAGS.layers)
+    except ValueError:
+      raise SweepError(f"--layers={','.join(FLAGS.layers)}: layers must be integers") from None
+  tuple_or_none = lambda v: tuple(v) if v else None  # pylint: disable=unnecessary-lambda-assignment
+  return SweepConfig(
+      model=FLAGS.model, source=FLAGS.source, split=FLAGS.split,
+      languages=tuple_or_none(FLAGS.languages), modalities=tuple(FLAGS.modalities),
+      sites=tuple_or_none(FLAGS.sites), layers=layers, pooling=FLAGS.pooling,
+      model_dtype=FLAGS.model_dtype, max_sentences=FLAGS.max_sentences, metric=FLAGS.metric,
+      threshold=FLAGS.threshold, plan=FLAGS.plan, pivot=FLAGS.pivot, dtype=FLAGS.dtype,
+      output_dir=FLAGS.output_dir, fleurs_dir=FLAGS.fleurs_dir, cache_dir=FLAGS.cache_dir,
+      devices=FLAGS.devices, device=FLAGS.device, batch_size=FLAGS.batch_size,
+      max_speech_seconds=FLAGS.max_speech_seconds, chunk_pairs=FLAGS.chunk_pairs,
+      progress=FLAGS.progress)
+
+
+def report(output_dir) -> str:
+  """Runs cli.report on the finished table (its own process: both CLIs define --output_dir)."""
+  done = subprocess.run([sys.executable, "-m", "cli.report", f"--output_dir={output_dir}"],
+                        capture_output=True, text=True, check=False)
+  if done.returncode != 0:
+    lines = (done.stderr.strip() or f"cli.report exited with status {done.returncode}")
+    raise ValueError(lines.splitlines()[-1].removeprefix("report: error: "))
+  return done.stdout.strip()
+
+
+def sweep_from_flags() -> str:
+  from engine.sweep import run_sweep  # pylint: disable=import-outside-toplevel
+  result = run_sweep(config_from_flags(), overwrite=FLAGS.overwrite)
+  lines = [f"{len(result.table)} pairs scored ({result.chunks_run} of {result.chunks} chunks in "
+           f"this run); table: {result.output_dir / 'results.parquet'} and results.csv"]
+  if result.degenerate:
+    lines.append(f"note: {result.degenerate} representations keep a rank of at least half the "
+                 f"{result.n} sentences; CCA inflates their scores (use more sentences)")
+  if FLAGS.report:
+    lines.append(report(result.output_dir))
+  return "\n".join(lines)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  warnings.filterwarnings("ignore", category=FutureWarning)
+  warnings.filterwarnings("ignore", message="no speech for language")  # reported per language
+  logging.getLogger("datasets").setLevel(logging.WARNING)
+  try:
+    print(sweep_from_flags())
+  except KeyboardInterrupt:
+    print("sweep: interrupted; re-run the same command to resume", file=sys.stderr)
+    return 130
+  except (ValueError, OSError, ConnectionError, ImportError) as e:
+    message = " ".join(str(e).split())
+    print(f"sweep: error: {message}", file=sys.stderr)
+    return 1
+  return 0
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()
