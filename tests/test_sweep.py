@@ -1,0 +1,178 @@
+"""cli.sweep end to end: outputs, scores against the kernel on the stored activations, kill and
+resume, refused settings, and the three model families."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from engine import analysis, pairs, svcca
+from engine import sweep as S
+from engine.store import open_store
+from tests import reference
+from tests.test_plots import check_png
+
+ROOT = Path(__file__).resolve().parents[1]
+LANGS = ("eng", "deu", "swh")
+SENTENCES = 16
+# Few sentences, so a lower variance threshold keeps ranks well below n (CCA is not degenerate).
+THRESHOLD = 0.9
+FLAGS = [f"--languages={','.join(LANGS)}", f"--max_sentences={SENTENCES}",
+         f"--threshold={THRESHOLD}", "--noprogress"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+  return tmp_path_factory.mktemp("cache")
+
+
+def sweep_cli(cache, *args, env=None, timeout=400):
+  """`python -m cli.sweep` sharing one corpus cache and one JAX compilation cache (the runs
+  compile the same chunk shapes)."""
+  env = {**os.environ, "XMODAL_CACHE": str(cache), "PYTHONPATH": str(ROOT),
+         "JAX_COMPILATION_CACHE_DIR": str(cache / "jax"),
+         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", **(env or {})}
+  return subprocess.run([sys.executable, "-m", "cli.sweep", *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def full(cache, tmp_path_factory):
+  """An uninterrupted default-plan sweep of seamless-tiny over three languages."""
+  out = tmp_path_factory.mktemp("full")
+  done = sweep_cli(cache, *FLAGS, f"--output_dir={out}")
+  assert done.returncode == 0, done.stderr[-3000:]
+  return out, done.stdout
+
+
+def test_default_plan_end_to_end(full):
+  out, stdout = full
+  assert "plan: seamless-tiny on bundled (3 languages" in stdout
+  assert "pairs in 7 chunks" in stdout and "cross_lingual_speech" in stdout
+  table = pd.read_parquet(out / "results.parquet")
+  csv = pd.read_csv(out / "results.csv")
+  assert list(table.columns) == list(analysis.COLUMNS) == list(csv.columns)
+  pd.testing.assert_frame_equal(analysis.validate_table(csv), analysis.validate_table(table))
+  assert set(table.family) == {"cross_modal", "cross_lingual_text", "cross_lingual_speech",
+                               "adaptor"}
+  assert (table.model == "seamless-tiny").all() and (table.metric == "svcca").all()
+  assert (table.n == SENTENCES).all() and table.score.between(0, 1 + 1e-6).all()
+  assert ((table.rank_a >= 1) & (table.rank_b >= 1)).all()
+  # Every language appears, text and speech, at every layer of the main sites.
+  cm = table[(table.family == "cross_modal") & (table.site_b == "speech_encoder")]
+  assert sorted(zip(cm.language_a, cm.layer_a)) == sorted(
+      (lang, layer) for lang in LANGS for layer in range(4))
+  assert (table.language_a.unique() == list(LANGS)).all()  # the requested order
+  summary = json.loads((out / "summary.json").read_text())
+  assert summary["rows"] == len(table) and summary["languages"] == list(LANGS)
+  assert summary["families"]["adaptor"] == len(LANGS)
+  for name in ("similarity_by_layer", "gaps_by_layer", "adaptor_effect", "languages_layer03"):
+    check_png(out / "plots" / f"{name}.png")
+  assert f"{len(table)} pairs; summary:" in stdout
+
+
+def test_scores_equal_the_kernel_on_stored_activations(full):
+  out, _ = full
+  table = pd.read_parquet(out / "results.parquet")
+  store = open_store(out / S.STORE_DIR)
+  keys = list(dict.fromkeys(
+      pairs.RepKey(*row) for side in "ab" for row in
+      table[[f"language_{side}", f"modality_{side}", f"site_{side}", f"layer_{side}"]]
+      .itertuples(index=False)))
+  position = {k: i for i, k in enumerate(keys)}
+  index = np.array([[position[pairs.RepKey(*r[:4])], position[pairs.RepKey(*r[4:])]]
+                    for r in table[["language_a", "modality_a", "site_a", "layer_a",
+                                    "language_b", "modality_b", "site_b", "layer_b"]]
+                    .itertuples(index=False)])
+  reps = [np.asarray(store.load(k)) for k in keys]
+  expected = svcca.pairwise_svcca(reps, pairs=index, threshold=THRESHOLD)
+  np.testing.assert_allclose(table.score, expected, atol=1e-5, rtol=0)
+  # And one pair of each family against the NumPy reference (float64, per pair).
+  for _, row in table.groupby("family").head(1).iterrows():
+    a = store.load((row.language_a, row.modality_a, row.site_a, row.layer_a))
+    b = store.load((row.language_b, row.modality_b, row.site_b, row.layer_b))
+    assert row.score == pytest.approx(
+        reference.svcca(np.float64(a), np.float64(b), threshold=THRESHOLD), abs=1e-4)
+
+
+def test_killed_sweep_resumes_to_an_identical_table(full, cache, tmp_path):
+  """SIGKILLed after two chunks (its activations are the full run's, so it starts at the pair
+  stage), then restarted with the same flags: the same table, to the bit."""
+  out = tmp_path / "killed"
+  out.mkdir()
+  shutil.copytree(full[0] / S.STORE_DIR, out / S.STORE_DIR)
+  shutil.copy(full[0] / S.STATE_JSON, out / S.STATE_JSON)
+  killed = sweep_cli(cache, *FLAGS, f"--output_dir={out}", "--noreport",
+                     env={S.KILL_AFTER_ENV: "2"})
+  assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+  assert not (out / "results.parquet").exists() and (out / S.CHECKPOINT_DIR).is_dir()
+  again = sweep_cli(cache, *FLAGS, f"--output_dir={out}", "--noreport")
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "pairs already scored" in again.stdout and "(5 of 7 chunks in this run)" in again.stdout
+  pd.testing.assert_frame_equal(pd.read_parquet(out / "results.parquet"),
+                                pd.read_parquet(full[0] / "results.parquet"), check_exact=True)
+
+
+def test_other_settings_on_an_existing_sweep_are_refused(full, cache):
+  out, _ = full
+  done = sweep_cli(cache, *FLAGS, f"--output_dir={out}", "--metric=cka")
+  assert done.returncode == 1 and done.stdout == ""
+  err = done.stderr.strip()
+  assert err.count("\n") == 0 and "Traceback" not in err
+  assert err.startswith(f"sweep: error: {out} holds a sweep with other settings "
+                        "(--metric=svcca there, --metric=cka now)")
+  assert "new --output_dir, or --overwrite" in err
+  # The library says the same, naming every differing setting.
+  config = S.normalize(S.SweepConfig(languages=("en", "de", "sw"), max_sentences=SENTENCES,
+                                     output_dir=str(out), threshold=0.8, pivot="eng"))
+  with pytest.raises(S.SweepError, match=r"--threshold=0.9 there, --threshold=0.8 now; "
+                                         r"--pivot=\(default\) there, --pivot=eng now"):
+    S.prepare(config)
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(languages=("xx",)), "unknown language 'xx'"),
+    (dict(plan="cross_modal+diagonal"), "--plan=cross_modal+diagonal: unknown plan 'diagonal'"),
+    (dict(metric="cosine"), "--metric=cosine is not one of svcca, pwcca, cka"),
+    (dict(threshold=1.5), "--threshold=1.5 is not in (0, 1]"),
+    (dict(devices="many"), "--devices=many is not 'auto', 'all' or a device count"),
+    (dict(pivot="fra"), "--pivot=fra is not among the sweep's languages"),
+    (dict(model="mystery"), "cannot tell which model family 'mystery' is"),
+    (dict(chunk_pairs=0), "--chunk_pairs=0 must be at least 1"),
+])
+def test_bad_settings_are_named(changes, message):
+  with pytest.raises(ValueError) as e:
+    S.check_model(S.normalize(S.SweepConfig(**{"languages": LANGS, **changes})))
+  assert message in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("model, families", [
+    ("sonar-tiny", {"cross_modal", "cross_lingual_text", "cross_lingual_speech"}),
+    ("salmonn-tiny", {"cross_modal", "cross_lingual_text", "cross_lingual_speech", "adaptor"}),
+])
+def test_other_models_sweep_end_to_end(model, families, cache, tmp_path, monkeypatch):
+  monkeypatch.setenv("XMODAL_CACHE", str(cache))
+  config = S.SweepConfig(model=model, languages=("eng", "deu"), max_sentences=12, layers=(-1,),
+                         threshold=THRESHOLD, output_dir=str(tmp_path), progress=False)
+  result = S.run_sweep(config, log=lambda line: None)
+  table = analysis.load_table(tmp_path)
+  assert set(table.family) == families and len(table) == len(result.plan)
+  assert {"text", "speech"} <= set(table.modality_a) | set(table.modality_b)
+  assert np.isfinite(table.score).all() and table.score.between(0, 1 + 1e-6).all()
+  store = open_store(tmp_path / S.STORE_DIR)
+  row = table[table.family == "cross_modal"].iloc[-1]
+  a = store.load((row.language_a, row.modality_a, row.site_a, row.layer_a))
+  b = store.load((row.language_b, row.modality_b, row.site_b, row.layer_b))
+  expected = svcca.pairwise_svcca([a, b], pairs=[[0, 1]], threshold=THRESHOLD)[0]
+  assert row.score == pytest.approx(float(expected), abs=1e-5)
+  if model == "salmonn-tiny":
+    adaptor = table[table.family == "adaptor"]
+    assert set(zip(adaptor.site_a, adaptor.site_b)) == {("whisper", "qformer")}
+  if model == "sonar-tiny":
+    assert "sentence_embedding" in set(table.site_b)
