@@ -1,0 +1,45 @@
+"""FLOP counts of the all-pairs SVCCA algorithm, and the machine's measured GEMM rate to hold
+them against.
+
+Bases: one thin SVD of each centred [n, d] representation. Pairs: U_a^T U_b (2nK^2), the Gram
+matrix M^T M (2K^3) and its Householder tridiagonalisation (~4/3 K^3; bisection is O(K^2)),
+with K the padded width the kernel actually computes with.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+
+def svd_flops(m: int, n: int) -> float:
+  """Thin SVD of an m x n matrix with U and V (Golub & Van Loan, Fig. 8.6.1).
+
+  The cheaper of Golub-Reinsch (14 M N^2 + 8 N^3) and R-SVD, a QR first (6 M N^2 + 20 N^3),
+  with M >= N the long and short sides.
+  """
+  big, small = max(m, n), min(m, n)
+  return min(14 * big * small**2 + 8 * small**3, 6 * big * small**2 + 20 * small**3)
+
+
+def bases_flops(r: int, n: int, d: int) -> float:
+  return r * (svd_flops(n, d) + 2 * n * d)  # the SVDs and the centring
+
+
+def pair_flops(n: int, k: int) -> float:
+  """GEMM U_a^T U_b (2nk^2), Gram M^T M (2k^3), tridiagonal reduction (~4/3 k^3)."""
+  return 2 * n * k * k + 2 * k**3 + 4 / 3 * k**3
+
+
+def gemm_gflops(size: int = 2048, repeats: int = 5) -> float:
+  """float32 GEMM at HIGHEST precision through XLA on the default device: the ceiling."""
+  import jax
+  import jax.numpy as jnp
+  a = jnp.asarray(jax.random.normal(jax.random.key(0), (size, size), jnp.float32))
+  f = jax.jit(lambda x, y: jnp.matmul(x, y, precision=jax.lax.Precision.HIGHEST))
+  f(a, a).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    f(a, a).block_until_ready()
+    times.append(time.perf_counter() - t)
+  return 2 * size**3 / statistics.median(times) / 1e9
