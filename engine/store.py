@@ -3,19 +3,25 @@
 A representation is keyed by (language, modality, site, layer); its rows are the corpus
 sentences in id order (`metadata['ids']`). A store is a directory:
 
-  manifest.json               metadata + every representation's file, shape, state, sha256
+  manifest.json               metadata + every representation's file, shape, state, sha256,
+                              and the manifest's own checksum
   {language}.{modality}.{site}.{layer}.npy        the [n, d] array (a preallocated .npy)
-  {language}.{modality}.{site}.{layer}.done.npy   [n] bool: rows written so far (while incomplete)
+  {language}.{modality}.{site}.{layer}.done.npy   [n] uint64: per row written so far, a tag
+                                                  holding the row's crc32 (0: not written)
   .lock                       held (flock) by the one process writing
 
 Why it is crash-safe: rows are written into the memory-mapped array and flushed *before* their
-flags in `.done.npy` are set, so a flag never claims a row that is not on disk; a killed run
+tags in `.done.npy` are set, so a tag never claims a row that is not on disk; a killed run
 leaves at worst rows that are recomputed (and representations begun after the last `sync`,
-which start over). A representation becomes complete once every row is
-flagged: its sha256 goes into the manifest (written to a temporary file, then os.replace), and
-only then is its `.done.npy` removed. Readers see complete representations only, and `load`
-checks the checksum, so half-written data is never returned. Memory stays bounded by the batch:
-arrays live on disk and are touched through memory maps.
+which start over). A resumed writer re-checks every tagged row against its crc32, so a row
+damaged on disk (or a flipped tag) is recomputed, not trusted. A representation becomes complete
+once every row is tagged and checks out: its sha256 goes into the manifest (written to a
+temporary file, then os.replace), and only then is its `.done.npy` removed. Readers see complete
+representations only, `load` checks the sha256, and the manifest carries a checksum of itself,
+so half-written or damaged data is never returned: every failure is a StoreError naming the
+file and the way out. Arrays are preallocated on disk when begun, so a full disk shows up
+then, as an error, rather than as SIGBUS in a memory-mapped write. Memory stays bounded by the
+batch: arrays live on disk and are touched through memory maps.
 
 Reopening a store checks its metadata (model, pooling, languages, sentence ids, dtype, ...):
 a different one is refused rather than mixed in.
@@ -23,11 +29,13 @@ a different one is refused rather than mixed in.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import fcntl
 import hashlib
 import json
 import os
 import re
+import zlib
 from pathlib import Path
 from typing import Any, Iterable, Mapping, NamedTuple
 
@@ -38,6 +46,9 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 LOCK = ".lock"
 DTYPE = np.dtype(np.float32)
+TAG = np.dtype(np.uint64)  # per-row tags in .done.npy
+# Manifests written before they carried a checksum are read without one.
+_MANIFEST_FIELDS = {"format", "metadata", "representations", "skipped", "checksum"}
 _PART = re.compile(r"^[A-Za-z0-9_\-]+$")
 
 
@@ -125,12 +136,42 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
+  """Writes JSON to a temporary file, then os.replace: a reader sees the old or the new file."""
   tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(obj, f, indent=1, sort_keys=True, ensure_ascii=False)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  try:
+    with open(tmp, "w", encoding="utf-8") as f:
+      json.dump(obj, f, indent=1, sort_keys=True, ensure_ascii=False)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except OSError as e:
+    tmp.unlink(missing_ok=True)
+    raise StoreError(f"cannot write {path}: {_reason(e)}; {path.name} is left as it was. "
+                     f"{_RECOVER_WRITE}") from e
+
+
+_RECOVER_WRITE = ("Free disk space (or choose a writable output directory) and run again: "
+                  "completed representations are kept and extraction resumes where it stopped")
+
+
+def _reason(e: OSError) -> str:
+  if e.errno in (errno.ENOSPC, errno.EDQUOT):
+    return "no space left on the device"
+  return e.strerror or str(e)
+
+
+def _manifest_checksum(manifest: Mapping) -> str:
+  """sha256 of the manifest without its checksum field, in canonical JSON."""
+  body = {k: v for k, v in manifest.items() if k != "checksum"}
+  text = json.dumps(body, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+  return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def row_tags(values: np.ndarray) -> np.ndarray:
+  """[rows] uint64 tags of float32 rows: crc32 of each row's bytes, shifted, low bit set."""
+  values = np.ascontiguousarray(values, dtype=DTYPE)
+  crcs = [zlib.crc32(row.tobytes()) for row in values]
+  return (np.asarray(crcs, dtype=TAG) << np.uint64(1)) | np.uint64(1)
 
 
 def _describe_difference(stored: Any, given: Any, prefix: str = "") -> str:
@@ -166,27 +207,42 @@ class Writer:
 
   def pending(self, rows: np.ndarray) -> bool:
     """Whether any of these rows still has to be written."""
-    return not bool(self._done[np.asarray(rows)].all())
+    return not bool((self._done[np.asarray(rows)] != 0).all())
 
   def missing(self) -> np.ndarray:
     """Indices of rows not written yet."""
-    return np.flatnonzero(~np.asarray(self._done))
+    return np.flatnonzero(np.asarray(self._done) == 0)
 
   @property
   def full(self) -> bool:
-    return bool(np.asarray(self._done).all())
+    return bool((np.asarray(self._done) != 0).all())
 
   def write(self, rows: np.ndarray, values: np.ndarray) -> None:
-    """Writes values [len(rows), d] at rows: data first and flushed, then the rows' flags."""
+    """Writes values [len(rows), d] at rows: data first and flushed, then the rows' tags."""
     rows = np.asarray(rows, dtype=np.int64)
-    values = np.asarray(values, dtype=DTYPE)
+    values = np.ascontiguousarray(values, dtype=DTYPE)
     if values.shape != (rows.size, self.dim):
       raise StoreError(f"{self.key.name}: got values of shape {values.shape} for {rows.size} rows "
                        f"of width {self.dim}")
-    self._data[rows] = values
-    self._data.flush()
-    self._done[rows] = True
-    self._done.flush()
+    try:
+      self._data[rows] = values
+      self._data.flush()
+      self._done[rows] = row_tags(values)
+      self._done.flush()
+    except OSError as e:
+      raise StoreError(f"cannot write rows of {self.store.path / self.entry.file}: {_reason(e)}. "
+                       f"{_RECOVER_WRITE}") from e
+
+  def check_rows(self) -> np.ndarray:
+    """Un-tags written rows whose bytes no longer match their crc32; returns those rows."""
+    written = np.flatnonzero(np.asarray(self._done) != 0)
+    if not written.size:
+      return written
+    bad = written[row_tags(self._data[written]) != self._done[written]]
+    if bad.size:
+      self._done[bad] = 0
+      self._done.flush()
+    return bad
 
   def close(self) -> None:
     for arr in (self._data, self._done):
@@ -228,8 +284,14 @@ class Store:
       raise StoreError(f"no activation store at {path} (missing {MANIFEST})")
     lock_file = None
     if mode == "a":
-      path.mkdir(parents=True, exist_ok=True)
-      lock_file = cls._lock(path)
+      try:
+        path.mkdir(parents=True, exist_ok=True)
+        lock_file = cls._lock(path)
+      except OSError as e:
+        raise StoreError(f"cannot write activation store {path}: {_reason(e)} "
+                         f"({e.filename or path}); choose a writable output directory") from e
+      for stale in path.glob(f".{MANIFEST}.*.tmp"):  # left by a run killed while writing
+        stale.unlink(missing_ok=True)
     try:
       if manifest_path.exists():
         store = cls._read(path, mode == "a", lock_file)
@@ -268,19 +330,44 @@ class Store:
 
   @classmethod
   def _read(cls, path: Path, writable: bool, lock_file) -> "Store":
+    file = path / MANIFEST
+    damaged = (f"the store's index is damaged, so none of its arrays can be trusted: delete "
+               f"{path} and extract again (or restore {MANIFEST} from a copy)")
     try:
-      manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-      raise StoreError(f"cannot read {path / MANIFEST}: {e}") from None
+      manifest = json.loads(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+      raise StoreError(f"{file} is corrupt (not UTF-8 text: {e.reason}); {damaged}") from None
+    except json.JSONDecodeError as e:
+      raise StoreError(f"{file} is corrupt or truncated ({e}); {damaged}") from None
+    except OSError as e:
+      raise StoreError(f"cannot read {file}: {_reason(e)}") from None
+    if not isinstance(manifest, dict):
+      raise StoreError(f"{file} is corrupt (not a JSON object); {damaged}")
     if manifest.get("format") != FORMAT_VERSION:
-      raise StoreError(f"{path / MANIFEST} has format {manifest.get('format')!r}; this engine "
+      raise StoreError(f"{file} has format {manifest.get('format')!r}; this engine "
                        f"reads format {FORMAT_VERSION}")
+    unknown = sorted(set(manifest) - _MANIFEST_FIELDS)
+    if unknown:
+      raise StoreError(f"{file} is corrupt (unknown fields {unknown}); {damaged}")
+    if "checksum" in manifest and manifest["checksum"] != _manifest_checksum(manifest):
+      raise StoreError(f"{file} does not match its own checksum (modified or corrupt); {damaged}")
     entries = {}
-    for d in manifest.get("representations", {}).values():
-      entry = Entry.from_json(d)
-      entries[entry.key] = entry
-    return cls(path, manifest["metadata"], entries, manifest.get("skipped", {}), writable,
-               lock_file)
+    try:
+      for d in manifest.get("representations", {}).values():
+        entry = Entry.from_json(d)
+        entries[entry.key] = entry
+      metadata, skipped = manifest["metadata"], manifest.get("skipped", {})
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+      raise StoreError(f"{file} is corrupt (bad field: {e!r}); {damaged}") from None
+    if writable:
+      # A complete representation whose file was deleted (the way to have a damaged one
+      # recomputed) is forgotten, so extraction runs it again.
+      gone = [k for k, e in entries.items() if e.complete and not (path / e.file).exists()]
+      for key in gone:
+        del entries[key]
+    store = cls(path, metadata, entries, skipped, writable, lock_file)
+    store._dirty = writable and bool(gone)
+    return store
 
   def check_metadata(self, metadata: Mapping) -> None:
     """Raises StoreError naming the differing fields unless `metadata` is this store's."""
@@ -350,18 +437,29 @@ class Store:
     if not entry.complete:
       raise StoreError(f"representation {entry.key.name} in {self.path} is not complete yet")
     file = self.path / entry.file
-    if verify:
-      stat = file.stat()
-      stamp = (stat.st_mtime_ns, stat.st_size)
-      if self._verified.get(entry.key) != stamp:
-        if file_sha256(file) != entry.sha256:
-          raise StoreError(f"representation {entry.key.name}: {file} does not match its checksum "
-                           "in the manifest (modified or corrupt); re-extract it")
-        self._verified[entry.key] = stamp
-    array = np.load(file, mmap_mode=mmap_mode)
+    redo = (f"delete {file} and run the extraction again into {self.path}: it recomputes this "
+            "representation only")
+    try:
+      if verify:
+        stat = file.stat()
+        stamp = (stat.st_mtime_ns, stat.st_size)
+        if self._verified.get(entry.key) != stamp:
+          if file_sha256(file) != entry.sha256:
+            raise StoreError(f"representation {entry.key.name}: {file} does not match its "
+                             f"checksum in the manifest (modified, truncated or corrupt); {redo}")
+          self._verified[entry.key] = stamp
+      array = np.load(file, mmap_mode=mmap_mode)
+    except StoreError:
+      raise
+    except FileNotFoundError:
+      raise StoreError(f"representation {entry.key.name}: {file} is missing; run the extraction "
+                       f"again into {self.path}: it recomputes this representation only") from None
+    except (OSError, ValueError, EOFError) as e:
+      raise StoreError(f"representation {entry.key.name}: cannot read {file} ({e}); "
+                       f"{redo}") from None
     if array.dtype != DTYPE or array.shape != entry.shape:
       raise StoreError(f"representation {entry.key.name}: {file} holds {array.dtype} "
-                       f"{array.shape}, manifest says {DTYPE.name} {entry.shape}")
+                       f"{array.shape}, manifest says {DTYPE.name} {entry.shape}; {redo}")
     return array
 
   def load_jax(self, key, *, verify: bool = True):
@@ -412,12 +510,22 @@ class Store:
       try:
         data = open_memmap(data_path, mode="r+")
         done = open_memmap(done_path, mode="r+")
-        if data.shape == shape and data.dtype == DTYPE and done.shape == (self.n,):
-          return Writer(self, entry, data, done)
-      except (ValueError, OSError):
+        if (data.shape == shape and data.dtype == DTYPE and done.shape == (self.n,)
+            and done.dtype == TAG):
+          writer = Writer(self, entry, data, done)
+          writer.check_rows()  # rows damaged since they were written are recomputed
+          return writer
+      except (ValueError, OSError, EOFError):
         pass  # unreadable leftovers of a crash: start the representation over
-    data = open_memmap(data_path, mode="w+", dtype=DTYPE, shape=shape)
-    done = open_memmap(done_path, mode="w+", dtype=np.bool_, shape=(self.n,))
+    try:
+      data = _allocate(data_path, DTYPE, shape)
+      done = _allocate(done_path, TAG, (self.n,))
+    except OSError as e:
+      for p in (data_path, done_path):
+        p.unlink(missing_ok=True)
+      size = self.n * int(dim) * DTYPE.itemsize
+      raise StoreError(f"cannot allocate {data_path} ({size / 2**20:.1f} MiB) for representation "
+                       f"{key.name}: {_reason(e)}. {_RECOVER_WRITE}") from e
     entry = Entry(key, data_path.name, shape)
     self._entries[key] = entry
     self._dirty = True
@@ -440,8 +548,8 @@ class Store:
     self._require_writable()
     completed = []
     for w in writers:
-      if w._data is None or not w.full:
-        continue
+      if w._data is None or not w.full or w.check_rows().size:
+        continue  # damaged rows were un-tagged: a later run recomputes them
       w.close()
       w.entry.sha256 = file_sha256(self.path / w.entry.file)
       w.entry.complete = True
@@ -463,14 +571,30 @@ class Store:
       raise StoreError(f"activation store {self.path} is open read-only")
 
   def _write_manifest(self) -> None:
-    self._dirty = False
     manifest = {
         "format": FORMAT_VERSION,
         "metadata": self.metadata,
         "representations": {k.name: e.to_json() for k, e in sorted(self._entries.items())},
         "skipped": self._skipped,
     }
+    manifest["checksum"] = _manifest_checksum(manifest)
     _write_json_atomic(self.path / MANIFEST, manifest)
+    self._dirty = False
+
+
+def _allocate(path: Path, dtype: np.dtype, shape: tuple) -> np.memmap:
+  """A zero-filled .npy of this shape, memory-mapped, with its blocks reserved on disk where
+  the file system allows: a full disk fails here (OSError), not later as SIGBUS in a write."""
+  array = open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+  if hasattr(os, "posix_fallocate"):
+    with open(path, "r+b") as f:
+      try:
+        os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+      except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+          del array
+          raise
+  return array
 
 
 def to_jax(array: np.ndarray):
