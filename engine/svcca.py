@@ -97,11 +97,19 @@ def as_representations(reps, names: Sequence[str] | None = None) -> list[np.ndar
 
 
 def _stack(arrays: list[np.ndarray], dtype) -> np.ndarray:
-  """Zero-pads features to a common width: exact, zero columns add no variance."""
+  """Centred, unit-RMS representations zero-padded to a common width.
+
+  Centring and scaling happen in float64 before the cast: a large offset would otherwise
+  round the variation away in float32, and scales near 1e-12 or 1e9 would under- or overflow
+  CKA's fourth powers. Every metric here is invariant to both. Zero columns add no variance,
+  so the padding is exact.
+  """
   d = max(a.shape[1] for a in arrays)
   out = np.zeros((len(arrays), arrays[0].shape[0], d), dtype=dtype)
   for i, a in enumerate(arrays):
-    out[i, :, : a.shape[1]] = a
+    centred = a.astype(np.float64) - a.mean(axis=0, dtype=np.float64)
+    rms = np.sqrt(np.mean(centred * centred))
+    out[i, :, : a.shape[1]] = centred / rms if rms > 0 else centred
   return out
 
 
