@@ -19,6 +19,7 @@ import sys
 import warnings
 
 from absl import app, flags
+from absl import logging as absl_logging
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "seamless-tiny",
@@ -110,6 +111,8 @@ def sweep_from_flags() -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if not FLAGS["verbosity"].present:  # JAX and orbax log INFO lines (backends, saves)
+    absl_logging.set_verbosity(absl_logging.WARNING)
   warnings.filterwarnings("ignore", category=FutureWarning)
   warnings.filterwarnings("ignore", message="no speech for language")  # reported per language
   logging.getLogger("datasets").setLevel(logging.WARNING)

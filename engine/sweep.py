@@ -179,8 +179,10 @@ def _plain(value):
 
 def _flag_value(value) -> str:
   if value is None:
-    return "(default)"
+    return "(unset)"
   if isinstance(value, list):
+    if len(value) > 6:  # e.g. the 30 default languages
+      return f"{','.join(map(str, value[:3]))},...,{value[-1]} ({len(value)})"
     return ",".join(map(str, value))
   return str(value)
 
@@ -473,11 +475,11 @@ def _progress(total: int, enabled: bool):
 
 
 def score_stage(config: SweepConfig, state: dict, log: Callable[[str], None],
-                planned: str | None = None) -> SweepResult:
+                planned: str | None = None, mesh=None) -> SweepResult:
   """Scores the plan chunk by chunk, checkpointing after each; writes the results table.
 
   The plan comes from the store's representations; it is printed unless it is the one printed
-  before extraction (digest `planned`).
+  before extraction (digest `planned`). mesh: (Mesh, description), default from --devices.
   """
   from engine import analysis, sharding, svcca  # pylint: disable=import-outside-toplevel
   from engine.store import open_store  # pylint: disable=import-outside-toplevel
@@ -503,7 +505,7 @@ def score_stage(config: SweepConfig, state: dict, log: Callable[[str], None],
     sweep = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(sweep))
     sweep = {name: np.array(value) for name, value in sweep.items()}
   pending = [c for c in chunks if not sweep["done"][c.plan_index].all()]
-  mesh, devices = _mesh(config.devices)
+  mesh, devices = mesh or _mesh(config.devices)
   done = int(sweep["done"].sum())
   if digest != planned:
     log(describe_plan(config, plan, heading="plan" if planned is None else "revised plan",
@@ -560,6 +562,7 @@ def run_sweep(config: SweepConfig, *, overwrite: bool = False,
               log: Callable[[str], None] = print) -> SweepResult:
   """Extracts, plans and scores a sweep in config.output_dir (resuming what is there)."""
   config = normalize(config)
+  mesh = _mesh(config.devices)  # before any work: a bad --devices fails at once
   state = prepare(config, overwrite=overwrite)
   state, planned = extract_stage(config, state, log)
-  return score_stage(config, state, log, planned)
+  return score_stage(config, state, log, planned, mesh)

@@ -132,7 +132,7 @@ def test_other_settings_on_an_existing_sweep_are_refused(full, cache):
   config = S.normalize(S.SweepConfig(languages=("en", "de", "sw"), max_sentences=SENTENCES,
                                      output_dir=str(out), threshold=0.8, pivot="eng"))
   with pytest.raises(S.SweepError, match=r"--threshold=0.9 there, --threshold=0.8 now; "
-                                         r"--pivot=\(default\) there, --pivot=eng now"):
+                                         r"--pivot=\(unset\) there, --pivot=eng now"):
     S.prepare(config)
 
 
@@ -176,3 +176,11 @@ def test_other_models_sweep_end_to_end(model, families, cache, tmp_path, monkeyp
     assert set(zip(adaptor.site_a, adaptor.site_b)) == {("whisper", "qformer")}
   if model == "sonar-tiny":
     assert "sentence_embedding" in set(table.site_b)
+
+
+def test_more_devices_than_there_are_fails_before_any_work(tmp_path):
+  out = tmp_path / "sweep"
+  with pytest.raises(S.SweepError, match=r"--devices=99: only \d+ \w+ device\(s\) are available"):
+    S.run_sweep(S.SweepConfig(languages=LANGS, devices="99", output_dir=str(out)),
+                log=lambda line: None)
+  assert not out.exists()
