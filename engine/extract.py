@@ -7,15 +7,18 @@ selected (site, layer) is pooled over valid positions and written into the repre
 resumes: complete representations are skipped, and so are batches whose rows are all written.
 
 Inputs are validated before any model runs, so a bad sentence stops a long run at once with
-its id and language: empty text, a language the tokenizer lacks, zero-length, too short,
-non-finite or silent audio. Non-finite activations are caught per batch, before writing.
-Speech of a language whose audio is missing (None) is skipped and recorded in the store.
+its id and language: empty text, text too long to run in one piece, a language the tokenizer
+lacks, two languages with the same text (one mislabelled), audio at another sampling rate,
+zero-length, too short, too long, non-finite, silent or wrongly scaled audio (clipped audio is
+used, with a warning). Non-finite activations are caught per batch, before writing. Speech of
+a language whose audio is missing (None) is skipped and recorded in the store.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -26,13 +29,20 @@ import pyarrow.compute as pc
 import torch
 
 from engine.data.batching import length_buckets
-from engine.data.corpus import corpus_info
+from engine.data.corpus import SAMPLING_RATE, corpus_info
 from engine.models.base import MODALITIES, Adapter
 from engine.models.pooling import POOLINGS, pool
 from engine.store import Key, Store, Writer
 
 MIN_SPEECH_SECONDS = 0.05  # shorter clips hold no speech (and no model frame)
 SILENCE_PEAK = 1e-4  # peak |amplitude| below this (-80 dBFS) counts as silence
+# A sentence goes through the model in one piece (pooling needs all of it), so its memory grows
+# with its length, squared in attention. Longer inputs are refused, not cut: FLoRes sentences
+# are a few hundred characters, FLEURS clips under 30 s.
+MAX_TEXT_CHARS = 4096
+MAX_CLIP_SECONDS = 120.0
+MAX_PEAK = 2.0  # float audio lies in [-1, 1]; far above it is unscaled integer PCM
+CLIPPED_FRACTION = 0.005  # this share of samples at the peak (>= 0.99) means clipping
 _SCAN_ROWS = 64  # audio rows read at once while validating
 
 
@@ -64,7 +74,9 @@ class _Language:
 def extract(adapter: Adapter, corpus: datasets.Dataset, store: Store | str | Path, *,
             modalities: Sequence[str] = MODALITIES, sites: Sequence[str] | None = None,
             layers: Sequence[int] | None = None, pooling: str = "mean", batch_size: int = 16,
-            max_speech_seconds: float | None = None, progress: bool = True,
+            max_speech_seconds: float | None = None,
+            max_text_chars: int | None = MAX_TEXT_CHARS,
+            max_clip_seconds: float | None = MAX_CLIP_SECONDS, progress: bool = True,
             on_complete: Callable[[Key], None] | None = None,
             on_batch: Callable[[str, str, int], None] | None = None) -> ExtractReport:
   """Extracts pooled activations of `corpus` into `store` (a Store, or a directory to open).
@@ -73,7 +85,8 @@ def extract(adapter: Adapter, corpus: datasets.Dataset, store: Store | str | Pat
   modalities). layers: layer indices applied to every selected site, negative ones counted from
   the end (-1 = last); indices a site does not have are left out for that site. pooling: one of
   engine.models.pooling.POOLINGS. batch_size: most sentences per batch; max_speech_seconds:
-  also cap a speech batch's padded duration (bounds accelerator memory). on_complete(key) runs
+  also cap a speech batch's padded duration (bounds accelerator memory). max_text_chars and
+  max_clip_seconds refuse single sentences longer than that (None: no limit). on_complete(key) runs
   as each representation completes (e.g. to compute its SVD basis at once); on_batch(language,
   modality, batch_index) after each batch is written.
   """
@@ -86,12 +99,14 @@ def extract(adapter: Adapter, corpus: datasets.Dataset, store: Store | str | Pat
   selection = select_sites(adapter, modalities, sites, layers)
   index = _index(corpus, with_audio="speech" in selection)
   blocks, ids = _language_blocks(index)
+  _check_distinct_languages(index, blocks)
   if "text" in selection:
-    _check_text(adapter, index, blocks, ids)
+    _check_text(adapter, index, blocks, ids, max_text_chars)
   report = ExtractReport(store=str(getattr(store, "path", store)))
   speech_ok = {}
   if "speech" in selection:
-    speech_ok = _check_speech(adapter, corpus, index, blocks, ids, report.skipped)
+    speech_ok = _check_speech(adapter, corpus, index, blocks, ids, report.skipped,
+                              max_clip_seconds)
   metadata = store_metadata(adapter, index, blocks, ids, pooling)
   own_store = not isinstance(store, Store)
   if own_store:
@@ -233,17 +248,39 @@ def _language_blocks(index: _Index) -> tuple[list[_Language], list[int]]:
   return blocks, [int(i) for i in ids]
 
 
+def _check_distinct_languages(index: _Index, blocks: list[_Language]) -> None:
+  """Two languages with the same text for every sentence: one of them is mislabelled."""
+  seen: dict[int, str] = {}
+  for block in blocks:
+    texts = tuple(index.texts[i] for i in block.rows)
+    digest = hash(texts)
+    if digest in seen:
+      other = next(b for b in blocks if b.code == seen[digest])
+      if tuple(index.texts[i] for i in other.rows) == texts:
+        raise ValueError(f"languages {seen[digest]!r} and {block.code!r} have the same text for "
+                         f"every sentence: one of them is mislabelled")
+    seen[digest] = block.code
+
+
 def _check_text(adapter: Adapter, index: _Index, blocks: list[_Language],
-                ids: list[int]) -> None:
+                ids: list[int], max_chars: int | None) -> None:
   for block in blocks:
     if not adapter.supports_language(block.code, "text"):
       raise ValueError(f"language {block.code!r} is not supported for text by {adapter.name} "
                        f"(its tokenizer has no language token for it); first sentence id "
                        f"{ids[0]}")
-    empty = np.flatnonzero(index.text_lengths[block.rows] == 0)
+    lengths = index.text_lengths[block.rows]
+    empty = np.flatnonzero(lengths == 0)
     if empty.size:
       raise ValueError(f"sentence id {ids[empty[0]]} (language {block.code!r}) has empty text"
                        + (f" ({empty.size - 1} more in this language)" if empty.size > 1 else ""))
+    long = np.flatnonzero(lengths > max_chars) if max_chars is not None else []
+    if len(long):
+      r = long[0]
+      raise ValueError(f"sentence id {ids[r]} (language {block.code!r}) has {lengths[r]} "
+                       f"characters of text, more than max_text_chars={max_chars}; a sentence "
+                       "runs through the model in one piece, with memory growing with its length "
+                       "squared: split it, or raise max_text_chars")
 
 
 def _audio_arrays(column: pa.ChunkedArray | pa.Array) -> list[np.ndarray | None]:
@@ -264,8 +301,8 @@ def _read_audio(corpus: datasets.Dataset, indices: Iterable[int]) -> list[np.nda
 
 
 def _check_speech(adapter: Adapter, corpus: datasets.Dataset, index: _Index,
-                  blocks: list[_Language], ids: list[int],
-                  skipped: dict[str, str]) -> dict[str, bool]:
+                  blocks: list[_Language], ids: list[int], skipped: dict[str, str],
+                  max_seconds: float | None = MAX_CLIP_SECONDS) -> dict[str, bool]:
   """{language: speech usable}; a bad clip raises, missing speech is skipped (and reported)."""
   usable = {}
   for block in blocks:
@@ -286,20 +323,38 @@ def _check_speech(adapter: Adapter, corpus: datasets.Dataset, index: _Index,
       if rate != index.rates[block.rows[0]]:
         raise ValueError(f"{where} has sampling rate {rate}, other sentences of the language "
                          f"{int(index.rates[block.rows[0]])}")
+      if rate != SAMPLING_RATE:
+        raise ValueError(f"{where} has audio at {rate} Hz; corpora carry {SAMPLING_RATE} Hz "
+                         "speech (resample it, e.g. with engine.data.speech.resample)")
       if n == 0:
         raise ValueError(f"{where} has zero-length audio")
       if n < MIN_SPEECH_SECONDS * rate:
         raise ValueError(f"{where} has audio of {n} samples ({n / rate * 1000:.0f} ms), too short "
                          f"to hold speech (at least {MIN_SPEECH_SECONDS * 1000:.0f} ms)")
+      if max_seconds is not None and n > max_seconds * rate:
+        raise ValueError(f"{where} has {n / rate:.0f} s of audio, more than max_clip_seconds="
+                         f"{max_seconds:g}; a clip runs through the model in one piece, with "
+                         "memory growing with its length squared: split it, or raise "
+                         "max_clip_seconds")
+    clipped = []
     for start in range(0, len(block.rows), _SCAN_ROWS):
       chunk = block.rows[start:start + _SCAN_ROWS]
       for r, audio in enumerate(_read_audio(corpus, chunk), start=start):
         where = f"sentence id {ids[r]} (language {block.code!r})"
         if not np.isfinite(audio).all():
           raise ValueError(f"{where} has audio with NaN or Inf samples")
-        peak = float(np.abs(audio).max())
+        magnitude = np.abs(audio)
+        peak = float(magnitude.max())
         if peak < SILENCE_PEAK:
           raise ValueError(f"{where} has silent audio (peak amplitude {peak:.1e})")
+        if peak > MAX_PEAK:
+          raise ValueError(f"{where} has audio peaking at {peak:.4g}; float samples lie in "
+                           "[-1, 1] (integer PCM must be divided by its full scale, e.g. 32768)")
+        if peak >= 0.99 and np.mean(magnitude >= peak * 0.999) >= CLIPPED_FRACTION:
+          clipped.append(ids[r])
+    if clipped:
+      warnings.warn(f"{len(clipped)} clip(s) of language {block.code!r} are clipped (sentence ids "
+                    f"{clipped[:10]}); their speech is used as it is", RuntimeWarning, stacklevel=3)
     usable[block.code] = True
   return usable
 
@@ -373,6 +428,13 @@ def _run(adapter: Adapter, corpus: datasets.Dataset, index: _Index, block: _Lang
                             block.code)
 
 
+def _overflow_hint(adapter: Adapter) -> str:
+  dtype = str(adapter.describe().get("dtype", ""))
+  if dtype in ("float16", "bfloat16"):
+    return f"; the model runs in {dtype}, which overflows easily: try float32"
+  return ""
+
+
 def _extract_group(adapter, corpus, index: _Index, store: Store, block: _Language, modality: str,
                    pairs: list[tuple[str, int]], pooling: str, batch_size: int,
                    max_speech_seconds, ids: list[int], report: ExtractReport, bar,
@@ -417,7 +479,9 @@ def _extract_group(adapter, corpus, index: _Index, store: Store, block: _Languag
           raise ValueError(
               f"non-finite activations (NaN or Inf) for sentence id {ids[rows[bad[0]]]} "
               f"(language {block.code!r}, {modality}) at site {key.site!r} layer {key.layer} of "
-              f"{adapter.name}" + (f", and {bad.size - 1} more in its batch" if bad.size > 1 else ""))
+              f"{adapter.name}" + (f", and {bad.size - 1} more in its batch" if bad.size > 1 else "")
+              + _overflow_hint(adapter) + "; representations completed so far are kept in "
+              f"{store.path}")
       for key, values in pooled.items():
         if key not in writers:
           writers[key] = store.begin(key, values.shape[1])

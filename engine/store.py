@@ -359,14 +359,19 @@ class Store:
       metadata, skipped = manifest["metadata"], manifest.get("skipped", {})
     except (KeyError, TypeError, ValueError, AttributeError) as e:
       raise StoreError(f"{file} is corrupt (bad field: {e!r}); {damaged}") from None
+    gone = []
     if writable:
       # A complete representation whose file was deleted (the way to have a damaged one
-      # recomputed) is forgotten, so extraction runs it again.
+      # recomputed) is forgotten, so extraction runs it again; tags left by a run killed
+      # between completing a representation and removing them go.
       gone = [k for k, e in entries.items() if e.complete and not (path / e.file).exists()]
       for key in gone:
         del entries[key]
+      for key, entry in entries.items():
+        if entry.complete:
+          (path / f"{key.name}.done.npy").unlink(missing_ok=True)
     store = cls(path, metadata, entries, skipped, writable, lock_file)
-    store._dirty = writable and bool(gone)
+    store._dirty = bool(gone)
     return store
 
   def check_metadata(self, metadata: Mapping) -> None:

@@ -136,12 +136,17 @@ def test_manifest_edited_consistently_is_still_refused(complete):
   assert_intact(complete)
 
 
-def test_stale_manifest_temporaries_are_cleared(complete):
+def test_leftovers_of_a_killed_run_are_cleared(complete):
+  """Killed while writing the manifest (a temporary), or after completing a representation but
+  before removing its tags: the next writer clears both."""
   stale = complete / ".manifest.json.12345.tmp"
   stale.write_text('{"half": ')
-  assert_intact(complete)  # readers never look at it
+  tags = complete / f"{KEYS[0].name}.done.npy"
+  np.save(tags, np.ones(N, np.uint64))
+  assert_intact(complete)  # readers never look at them
   Store.open(complete, META).close()
-  assert not stale.exists()
+  assert not stale.exists() and not tags.exists()
+  assert_intact(complete)
 
 
 # ----------------------------------------------------------------- incomplete representations
