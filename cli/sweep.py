@@ -14,7 +14,6 @@ Errors are printed as one line and the exit status is 1.
 from __future__ import annotations
 
 import logging
-import subprocess
 import sys
 import warnings
 
@@ -57,7 +56,7 @@ flags.DEFINE_integer("chunk_pairs", None, "Most pairs per checkpointed chunk (de
                      "chunk per pair of (site, layer) places).")
 flags.DEFINE_string("output_dir", "runs/default", "Sweep directory (created, or resumed).")
 flags.DEFINE_bool("overwrite", False, "Discard what the sweep wrote to --output_dir before.")
-flags.DEFINE_bool("report", True, "Write summary.json and plots/ (cli.report) at the end.")
+flags.DEFINE_bool("report", True, "Write summary.json and plots/ (as cli.report does) at the end.")
 flags.DEFINE_string("cache_dir", None, "Corpus / speech cache (default $XMODAL_CACHE or "
                     "~/.cache/xmodal-svcca).")
 flags.DEFINE_bool("progress", True, "Show progress bars.")
@@ -86,13 +85,10 @@ def config_from_flags():
 
 
 def report(output_dir) -> str:
-  """Runs cli.report on the finished table (its own process: both CLIs define --output_dir)."""
-  done = subprocess.run([sys.executable, "-m", "cli.report", f"--output_dir={output_dir}"],
-                        capture_output=True, text=True, check=False)
-  if done.returncode != 0:
-    lines = (done.stderr.strip() or f"cli.report exited with status {done.returncode}")
-    raise ValueError(lines.splitlines()[-1].removeprefix("report: error: "))
-  return done.stdout.strip()
+  """summary.json and the figures from the finished table (engine.report, as cli.report does)."""
+  from engine.report import describe  # pylint: disable=import-outside-toplevel
+  from engine.report import report as write_report
+  return describe(write_report(output_dir))
 
 
 def sweep_from_flags() -> str:

@@ -61,7 +61,7 @@ def test_single_figures(tmp_path):
 
 
 def test_report_replots_from_the_table_alone(tmp_path):
-  from cli import report
+  from engine import report
   synthetic_table().to_csv(tmp_path / A.RESULTS_CSV, index=False)
   stale = tmp_path / A.PLOTS_DIR / "languages_layer42.png"
   stale.parent.mkdir()
@@ -71,7 +71,7 @@ def test_report_replots_from_the_table_alone(tmp_path):
   assert len(result["plots"]) == 3 + LAYERS and not stale.exists()
   assert all(p.parent == tmp_path / A.PLOTS_DIR for p in result["plots"])
   assert result["findings"][0]["rises_with_depth"] is True
-  assert "rises with depth" in report._describe(result)
+  assert "rises with depth" in report.describe(result)
 
 
 def test_report_cli_errors_are_one_line_naming_the_file(tmp_path):
