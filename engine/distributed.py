@@ -7,9 +7,10 @@ Only process 0 writes results. With one process every function here is a no-op.
 """
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import jax
 import numpy as np
@@ -88,17 +89,43 @@ def agree(value: int) -> int:
   return int(allgather(np.asarray([value], np.int64)).max())
 
 
+def allgather_json(value: Any) -> list:
+  """Every process's JSON-serialisable `value`, in process order (e.g. the names of the
+  representations each one extracted, or the error it met)."""
+  if jax.process_count() == 1:
+    return [value]
+  data = np.frombuffer(json.dumps(value).encode("utf-8"), np.uint8)
+  sizes = allgather(np.asarray([data.size], np.int64))
+  joined = allgather(data).tobytes()
+  bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+  return [json.loads(joined[a:b].decode("utf-8")) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def broadcast_json(value: Any) -> Any:
+  """Process 0's `value` on every process (the others' values are ignored)."""
+  return allgather_json(value if is_leader() else None)[0]
+
+
 def barrier(name: str) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(name)
 
 
+def no_bases(n: int, dtype, weights: bool):
+  """`svcca.Bases` of no representation: what a process owning none of a place contributes
+  to `gather_bases` (its feature width is taken from the others)."""
+  from engine.svcca import Bases
+  dtype = np.dtype(dtype)
+  return Bases(u=np.zeros((0, n, 0), dtype), s=np.zeros((0, 0), dtype),
+               w=np.zeros((0, 0, 0), dtype) if weights else None, rank=np.zeros(0, np.int32))
+
+
 def gather_bases(local):
   """Every process's `svcca.Bases` (of its share of representations, in process order) -> all.
 
   Widths are padded to the widest share; the padding is zero columns past every rank, which
-  the pair stage masks, so scores do not change.
+  the pair stage masks, so scores do not change. A share may be empty (`no_bases`).
   """
   from engine.svcca import Bases
   if jax.process_count() == 1:
@@ -110,5 +137,7 @@ def gather_bases(local):
   s = np.pad(s, [(0, 0), (0, pad)])
   w = None
   if local.w is not None:
-    w = allgather(np.pad(np.asarray(local.w), [(0, 0), (0, pad), (0, 0)]))
+    w = np.asarray(local.w)
+    features = agree(w.shape[-1])  # an empty share has none; the others agree
+    w = allgather(np.pad(w, [(0, 0), (0, pad), (0, features - w.shape[-1])]))
   return Bases(u=allgather(u), s=allgather(s), w=w, rank=allgather(rank))

@@ -33,6 +33,13 @@ for metric in svcca.METRICS:
   bases = distributed.gather_bases(local)
   pairs = svcca.all_pairs(len(reps))
   out[metric + "_shared"] = svcca.pair_scores(bases, pairs, metric=metric).score.tolist()
+  # Process 0 owns every representation, the others none (more processes than languages).
+  local = (svcca.compute_bases(reps, metric=metric, warn=False) if pid == 0 else
+           distributed.no_bases(reps[0].shape[0], "float32", metric == "pwcca"))
+  bases = distributed.gather_bases(local)
+  out[metric + "_lopsided"] = svcca.pair_scores(bases, pairs, metric=metric).score.tolist()
+out["json"] = distributed.allgather_json({"process": pid, "names": ["x"] * pid})
+out["leader"] = distributed.broadcast_json(f"from {pid}")
 print("RESULT " + json.dumps(out))
 """
 
@@ -71,11 +78,16 @@ class MultiProcessTest(absltest.TestCase):
     self.assertEqual(one["processes"], 1)
     self.assertEqual([r["processes"] for r in two], [2, 2])
     self.assertEqual(two[0]["devices"], 4)  # the mesh spans both processes' devices
+    for r in two:
+      self.assertEqual(r["json"], [{"process": 0, "names": []}, {"process": 1, "names": ["x"]}])
+      self.assertEqual(r["leader"], "from 0")
     reps = structured_reps(seed=5, widths=(24, 40, 32, 40, 16, 28))
     for metric in svcca.METRICS:
       for r in two:
         np.testing.assert_allclose(r[metric], one[metric], atol=1e-6, err_msg=metric)
         np.testing.assert_allclose(r[metric + "_shared"], one[metric + "_shared"], atol=1e-6,
+                                   err_msg=metric)
+        np.testing.assert_allclose(r[metric + "_lopsided"], one[metric + "_shared"], atol=1e-6,
                                    err_msg=metric)
       # The exchanged bases score the pairs like the full matrix does.
       pairs = svcca.all_pairs(len(reps))
