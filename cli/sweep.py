@@ -10,6 +10,15 @@ the paper's comparison families. Writes results.parquet / results.csv, summary.j
 (by cli.report) next to the activation store and the checkpoints. Re-running the same command
 resumes; other settings on an existing output directory are refused (--overwrite discards it).
 Errors are printed as one line and the exit status is 1.
+
+Across processes or hosts (jax.distributed), every process runs the same command with an
+--output_dir they all see, plus --coordinator=HOST:PORT --num_processes=N --process_id=I (or
+none of the three where JAX detects the cluster: Cloud TPU, SLURM, Open MPI, ...):
+
+  python -m cli.sweep --coordinator=10.0.0.1:8476 --num_processes=2 --process_id=0 ...
+  python -m cli.sweep --coordinator=10.0.0.1:8476 --num_processes=2 --process_id=1 ...
+
+Each process extracts its share of the languages; only process 0 writes results.
 """
 from __future__ import annotations
 
@@ -48,7 +57,8 @@ flags.DEFINE_string("plan", "paper", "Comparison plan: 'paper' (cross-modal, cro
 flags.DEFINE_string("pivot", None, "Cross-lingual pairs only against this language (e.g. eng).")
 flags.DEFINE_enum("dtype", "float32", ["float32", "float64"], "Dtype of the SVD and pair kernel.")
 flags.DEFINE_string("devices", "auto", "Devices of the pair mesh: a count, 'all', or 'auto' "
-                    "(every accelerator; one device on CPU).")
+                    "(every accelerator; one CPU device per process). With several processes "
+                    "the mesh spans them all, and a count is taken evenly from each.")
 flags.DEFINE_string("device", "auto", "Torch device of the model: cpu, cuda, cuda:1, auto.")
 flags.DEFINE_integer("batch_size", 16, "Most sentences per extraction batch.")
 flags.DEFINE_float("max_speech_seconds", None, "Cap on a speech batch's padded duration.")
@@ -60,6 +70,38 @@ flags.DEFINE_bool("report", True, "Write summary.json and plots/ (as cli.report 
 flags.DEFINE_string("cache_dir", None, "Corpus / speech cache (default $XMODAL_CACHE or "
                     "~/.cache/xmodal-svcca).")
 flags.DEFINE_bool("progress", True, "Show progress bars.")
+flags.DEFINE_string("coordinator", None, "Multi-process runs: HOST:PORT of process 0's "
+                    "coordination service (with --num_processes and --process_id). Without the "
+                    "three, a cluster JAX recognises (Cloud TPU, SLURM, Open MPI) is joined "
+                    "automatically.")
+flags.DEFINE_integer("num_processes", None, "Multi-process runs: how many processes take part.")
+flags.DEFINE_integer("process_id", None, "Multi-process runs: this process's index, 0 to "
+                     "--num_processes - 1; process 0 writes the results.")
+
+_PROCESS_FLAGS = ("coordinator", "num_processes", "process_id")
+
+
+def initialize_processes() -> bool:
+  """Joins the multi-process job the flags (or a detected cluster) describe, before any JAX
+  device is used; True when there are several processes."""
+  given = [name for name in _PROCESS_FLAGS if getattr(FLAGS, name) is not None]
+  if given and len(given) < len(_PROCESS_FLAGS):
+    missing = ", ".join(f"--{name}" for name in _PROCESS_FLAGS if name not in given)
+    raise ValueError(f"--coordinator, --num_processes and --process_id go together; "
+                     f"missing {missing}")
+  if FLAGS.num_processes is not None and FLAGS.num_processes < 1:
+    raise ValueError(f"--num_processes={FLAGS.num_processes} must be at least 1")
+  if FLAGS.process_id is not None and not 0 <= FLAGS.process_id < FLAGS.num_processes:
+    raise ValueError(f"--process_id={FLAGS.process_id} is not in 0..{FLAGS.num_processes - 1}")
+  from engine import distributed  # pylint: disable=import-outside-toplevel
+  try:
+    return distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
+  except (RuntimeError, KeyError) as e:  # no coordinator reached, or a half-described cluster
+    where = (f"the coordinator {FLAGS.coordinator}" if FLAGS.coordinator else
+             "the cluster detected from the environment")
+    raise ConnectionError(f"could not join the multi-process job through {where}: "
+                          f"{type(e).__name__}: {e}; a single process can be forced with "
+                          "--coordinator=localhost:0 --num_processes=1 --process_id=0") from None
 
 
 def config_from_flags():
@@ -92,8 +134,13 @@ def report(output_dir) -> str:
 
 
 def sweep_from_flags() -> str:
+  initialize_processes()
+  import jax  # pylint: disable=import-outside-toplevel
   from engine.sweep import run_sweep  # pylint: disable=import-outside-toplevel
   result = run_sweep(config_from_flags(), overwrite=FLAGS.overwrite)
+  if jax.process_index() != 0:
+    return (f"process {jax.process_index()} of {jax.process_count()}: {len(result.table)} pairs "
+            "scored; process 0 writes the results")
   lines = [f"{len(result.table)} pairs scored ({result.chunks_run} of {result.chunks} chunks in "
            f"this run); table: {result.output_dir / 'results.parquet'} and results.csv"]
   if result.degenerate:

@@ -4,7 +4,8 @@ One output directory holds everything a sweep needs to resume and everything it 
 
   sweep.json        the settings that decide its numbers (its identity) and facts learnt on the
                     way (the model's layer counts, the plan's digest)
-  activations/      the activation store (engine.store), written by engine.extract
+  activations/      the activation store (engine.store), written by engine.extract; with
+                    several processes each writes its own, activations.p{index}/
   checkpoints/      orbax checkpoints of the pair stage: per plan position a done flag, the
                     score and both kept ranks, saved after every chunk
   results.parquet   the tidy table (engine.analysis.COLUMNS), also as results.csv
@@ -15,6 +16,14 @@ batches are skipped), pair scoring by chunk (engine.pairs.chunk_plan). Bases are
 per (site, layer) place for every representation there, kept while a pending chunk still needs
 them, and joined for the chunk at hand (zero-padding ranks and features is exact).
 A directory holding a sweep with another identity is refused, naming the settings that differ.
+
+Several processes (hosts, after engine.distributed.initialize) run one sweep in a directory
+they all see: each extracts a contiguous block of the languages into its own store and computes
+the bases of its block; the bases are all-gathered, so every process holds a place's bases in
+the global key order, the pairs are sharded over every process's devices, and every process
+gets every score. Only process 0 writes sweep.json, the table, the summary and the figures; all
+take part in orbax's checkpoints (process 0 writes them). Failures in a stage that processes run
+on their own are exchanged, so every process stops with the same one-line error.
 """
 from __future__ import annotations
 
@@ -211,6 +220,15 @@ def _write_state(out: Path, state: dict) -> None:
   os.replace(tmp, path)
 
 
+def store_name(index: int = 0, count: int = 1) -> str:
+  """The store process `index` of `count` writes: its own, so no two processes write one."""
+  return STORE_DIR if count == 1 else f"{STORE_DIR}.p{index}"
+
+
+def _stores_in(out: Path) -> list[Path]:
+  return [p for p in [out / STORE_DIR, *sorted(out.glob(f"{STORE_DIR}.p*"))] if p.is_dir()]
+
+
 def prepare(config: SweepConfig, *, overwrite: bool = False) -> dict:
   """Claims the output directory: new, same identity (resume), or refused; returns the state."""
   out = Path(config.output_dir)
@@ -218,15 +236,14 @@ def prepare(config: SweepConfig, *, overwrite: bool = False) -> dict:
     raise SweepError(f"--output_dir={out} is a file, not a directory")
   if overwrite:
     check_model(config)
-    for name in OWNED:
-      path = out / name
+    for path in [*(out / name for name in OWNED), *_stores_in(out)]:
       if path.is_dir():
         shutil.rmtree(path)
       elif path.exists():
         path.unlink()
   state = _read_state(out)
   wanted = identity(config)
-  if state is not None and not (out / STORE_DIR).exists():
+  if state is not None and not _stores_in(out):
     state = None  # a sweep that stopped before extracting anything: nothing to keep
   if state is not None:
     old = state["identity"]
@@ -294,12 +311,47 @@ def ordered(keys, config: SweepConfig, sites: Sequence[str]) -> list[pairs_lib.R
   return sorted((pairs_lib.RepKey(*k) for k in keys), key=rank)
 
 
+def _together(stage: Callable[[], object]) -> list:
+  """Runs `stage` on every process; returns every process's (JSON-able) result, in order.
+
+  If it fails on any process, every process raises: the failing one its own error, the others
+  a SweepError naming that process and its error, so none waits forever in a collective.
+  """
+  from engine import distributed  # pylint: disable=import-outside-toplevel
+  failure, error, result = None, None, None
+  try:
+    result = stage()
+  except Exception as e:  # pylint: disable=broad-except  (re-raised below)
+    failure, error = e, " ".join(str(e).split()) or type(e).__name__
+  outcomes = distributed.allgather_json({"error": error, "result": result})
+  if failure is not None:
+    raise failure
+  for index, outcome in enumerate(outcomes):
+    if outcome["error"] is not None:
+      raise SweepError(f"process {index}: {outcome['error']}")
+  return [o["result"] for o in outcomes]
+
+
+def _process() -> tuple[int, int]:
+  import jax  # pylint: disable=import-outside-toplevel
+  return jax.process_index(), jax.process_count()
+
+
+def _languages_of(config: SweepConfig, index: int, count: int) -> tuple[str, ...]:
+  """A process's languages: a contiguous block of the requested ones, in their order, so that
+  its keys form one block of every (site, layer) place (`ordered` sorts by language first)."""
+  from engine import distributed  # pylint: disable=import-outside-toplevel
+  return tuple(distributed.share(config.languages, index, count))
+
+
 def extract_stage(config: SweepConfig, state: dict, log: Callable[[str], None]
                   ) -> tuple[dict, str | None]:
   """Extracts into the store unless a previous run finished that.
 
   Prints the plan first (from the representations extraction is to produce). Returns the state
-  and that plan's digest (None when extraction was already done).
+  and that plan's digest (None when extraction was already done). With several processes each
+  extracts its block of the languages into its own store; the keys, the model's layer counts
+  and skipped speech are exchanged, so every process makes the same plan.
   """
   from engine.extract import extract  # pylint: disable=import-outside-toplevel
   from engine.models import get_adapter  # pylint: disable=import-outside-toplevel
@@ -307,22 +359,50 @@ def extract_stage(config: SweepConfig, state: dict, log: Callable[[str], None]
   out = Path(config.output_dir)
   if state.get("extracted"):
     return state, None
-  corpus = load_corpus(config)
-  adapter = get_adapter(config.model, device=str(resolve_device(config.device)),
-                        dtype=config.model_dtype)
-  keys = expected_keys(adapter, corpus, config)
-  layer_counts = {s.name: s.layers for s in adapter.sites()}
+  index, count = _process()
+  mine = _languages_of(config, index, count)
+  local = dataclasses.replace(config, languages=mine)
+  work = {}
+
+  def begin():
+    if not mine:  # more processes than languages
+      return None
+    work["corpus"] = corpus = load_corpus(local)
+    work["adapter"] = adapter = get_adapter(config.model, device=str(resolve_device(config.device)),
+                                            dtype=config.model_dtype)
+    ids = corpus.select_columns(["id"]).to_pandas()["id"].unique()
+    return {"keys": [list(k) for k in expected_keys(adapter, corpus, local)],
+            "layer_counts": {s.name: s.layers for s in adapter.sites()},
+            "rows": len(corpus), "ids": sorted(int(i) for i in ids)}
+
+  shares = [s for s in _together(begin) if s is not None]
+  if any(s["ids"] != shares[0]["ids"] for s in shares):
+    raise SweepError("the processes' corpora hold different sentence ids (each process loads "
+                     "its own languages; FLEURS keeps the sentences all of them have): run the "
+                     "sweep in one process, or with languages that share their sentences")
+  layer_counts = shares[0]["layer_counts"]
+  keys = ordered([k for s in shares for k in s["keys"]], config, list(layer_counts))
   planned = _make_plan(config, keys, layer_counts)
-  log(describe_plan(config, planned, corpus_rows=len(corpus)))
-  report = extract(adapter, corpus, out / STORE_DIR, modalities=config.modalities,
-                   sites=config.sites, layers=config.layers, pooling=config.pooling,
-                   batch_size=config.batch_size, max_speech_seconds=config.max_speech_seconds,
-                   progress=config.progress)
-  for key, reason in report.skipped.items():
+  log(describe_plan(config, planned, corpus_rows=sum(s["rows"] for s in shares)))
+
+  def run():
+    if not mine:
+      return {}
+    report = extract(work["adapter"], work["corpus"], out / store_name(index, count),
+                     modalities=config.modalities, sites=config.sites, layers=config.layers,
+                     pooling=config.pooling, batch_size=config.batch_size,
+                     max_speech_seconds=config.max_speech_seconds, progress=config.progress)
+    return report.skipped
+
+  skipped = {k: v for s in _together(run) for k, v in s.items()}
+  for key, reason in skipped.items():
     log(f"no {key.split('.')[1]} for {key.split('.')[0]}: {reason}")
+  stores = {store_name(i, count): list(_languages_of(config, i, count)) for i in range(count)}
   state = {**state, "extracted": {"layer_counts": layer_counts, "sites": list(layer_counts),
-                                  "skipped": report.skipped}}
-  _write_state(out, state)
+                                  "skipped": skipped,
+                                  "stores": {k: v for k, v in stores.items() if v}}}
+  if index == 0:
+    _write_state(out, state)
   return state, plan_digest(planned)
 
 
@@ -387,14 +467,31 @@ def describe_plan(config: SweepConfig, plan: Sequence, *, heading: str = "plan",
 
 
 def _mesh(devices: str):
+  """The pair mesh --devices asks for; with several processes it spans all of them."""
   import jax  # pylint: disable=import-outside-toplevel
   from engine import sharding  # pylint: disable=import-outside-toplevel
-  available = jax.devices()
+  available = jax.devices()  # every process's devices
   wanted = parse_devices(devices)
+  processes = jax.process_count()
   if wanted == "auto":
-    chosen = available[:1] if jax.default_backend() == "cpu" else available
+    if jax.default_backend() != "cpu":
+      chosen = available
+    else:  # one CPU device per process
+      chosen = [next(d for d in available if d.process_index == p) for p in range(processes)]
   elif wanted == "all":
     chosen = available
+  elif processes > 1:  # every process takes part in each pair program: the same count from each
+    if wanted % processes:
+      raise SweepError(f"--devices={devices}: with {processes} processes the count must be a "
+                       f"multiple of {processes} (the same number of devices from each)")
+    per = wanted // processes
+    chosen = []
+    for p in range(processes):
+      own = [d for d in available if d.process_index == p]
+      if per > len(own):
+        raise SweepError(f"--devices={devices}: process {p} has only {len(own)} "
+                         f"{jax.default_backend()} device(s)")
+      chosen += own[:per]
   else:
     if wanted > len(available):
       raise SweepError(f"--devices={devices}: only {len(available)} "
@@ -435,10 +532,15 @@ def _join(parts: list):
 
 
 class _PlaceBases:
-  """Bases per (site, layer) place, computed once, dropped when no pending chunk needs them."""
+  """Bases per (site, layer) place, computed once, dropped when no pending chunk needs them.
 
-  def __init__(self, store, plan_keys, chunks, config: SweepConfig):
-    self.store, self.config = store, config
+  Each process computes the bases of its own keys (`where` maps them to their store) and the
+  processes exchange them (engine.distributed.gather_bases); its keys are one block of every
+  place, in process order, so the gathered bases are in the place's key order.
+  """
+
+  def __init__(self, where: dict, n: int, plan_keys, chunks, config: SweepConfig):
+    self.where, self.n, self.config = where, n, config
     self.keys: dict[tuple, list] = {}
     for k in plan_keys:
       self.keys.setdefault((k.site, k.layer), []).append(k)
@@ -450,17 +552,28 @@ class _PlaceBases:
 
   def bases(self, chunk):
     """(joined Bases, their keys in order) for a chunk."""
-    from engine import svcca  # pylint: disable=import-outside-toplevel
     parts, keys = [], []
     for place in chunk.group:
       if place not in self.cache:
-        reps = [self.store.load(k) for k in self.keys[place]]
-        self.cache[place] = svcca.compute_bases(
-            reps, metric=self.config.metric, threshold=self.config.threshold,
-            names=[k.name for k in self.keys[place]], dtype=self.config.dtype, warn=False)
+        self.cache[place] = self._compute(self.keys[place])
       parts.append(self.cache[place])
       keys += self.keys[place]
     return _join(parts), keys
+
+  def _compute(self, keys):
+    from engine import distributed, svcca  # pylint: disable=import-outside-toplevel
+    own = [k for k in keys if k in self.where]
+    if own:
+      local = svcca.compute_bases([self.where[k].load(k) for k in own], metric=self.config.metric,
+                                  threshold=self.config.threshold, names=[k.name for k in own],
+                                  dtype=self.config.dtype, warn=False)
+    else:
+      local = distributed.no_bases(self.n, self.config.dtype, self.config.metric == "pwcca")
+    bases = distributed.gather_bases(local)
+    if len(bases.rank) != len(keys):
+      raise SweepError(f"the processes hold {len(bases.rank)} of the {len(keys)} representations "
+                       f"at {keys[0].site} layer {keys[0].layer}")
+    return bases
 
   def release(self, chunk) -> None:
     for place in chunk.group:
@@ -481,23 +594,34 @@ def score_stage(config: SweepConfig, state: dict, log: Callable[[str], None],
   The plan comes from the store's representations; it is printed unless it is the one printed
   before extraction (digest `planned`). mesh: (Mesh, description), default from --devices.
   """
-  from engine import analysis, sharding, svcca  # pylint: disable=import-outside-toplevel
-  from engine.store import open_store  # pylint: disable=import-outside-toplevel
+  from engine import analysis, distributed, sharding, svcca  # pylint: disable=import-outside-toplevel
   out = Path(config.output_dir)
   if config.dtype == "float64":
     sharding.set_dtype("float64")
-  store = open_store(out / STORE_DIR)
+  index, count = _process()
+  own = {}
+  _together(lambda: own.update(zip(("where", "n"), _own_keys(config, state, index, count))))
+  where, n = own["where"], own["n"]
   layer_counts = state["extracted"]["layer_counts"]
-  keys = ordered(store.keys(), config, state["extracted"]["sites"])
+  held = distributed.allgather_json([[*k, n] for k in where])
+  ns = {k[-1] for share in held for k in share}
+  if len(ns) > 1:
+    raise SweepError(f"the stores hold different numbers of sentences ({sorted(ns)}); use "
+                     "--overwrite to extract again")
+  keys = ordered([k[:-1] for share in held for k in share], config, state["extracted"]["sites"])
+  n = ns.pop() if ns else n
   plan = _make_plan(config, keys, layer_counts)
   digest = plan_digest(plan)
   if state.get("plan") != digest:
     if state.get("plan") is not None and (out / CHECKPOINT_DIR).exists():
       log("the plan differs from the one checkpointed (the engine's plans changed?); "
           "scoring it afresh from the stored activations")
-      shutil.rmtree(out / CHECKPOINT_DIR)
+      if index == 0:
+        shutil.rmtree(out / CHECKPOINT_DIR)
     state = {**state, "plan": digest}
-    _write_state(out, state)
+    if index == 0:
+      _write_state(out, state)
+    distributed.barrier("sweep-plan")
   chunks = pairs_lib.chunk_plan(plan, max_pairs=config.chunk_pairs)
   ocp, manager = _checkpointer(out)
   sweep = _fresh(len(plan))
@@ -512,7 +636,7 @@ def score_stage(config: SweepConfig, state: dict, log: Callable[[str], None],
                       devices=devices, done=done))
   else:
     log(f"scoring {len(plan) - done} pairs in {len(pending)} chunks on {devices}")
-  places = _PlaceBases(store, pairs_lib.plan_keys(plan), pending, config)
+  places = _PlaceBases(where, n, pairs_lib.plan_keys(plan), pending, config)
   kill_after = int(os.environ.get(KILL_AFTER_ENV, "0") or 0)
   step = int(manager.latest_step() or 0)
   with manager, _progress(sum(len(c.plan_index) for c in pending), config.progress) as bar:
@@ -531,9 +655,29 @@ def score_stage(config: SweepConfig, state: dict, log: Callable[[str], None],
       if kill_after and run >= kill_after:
         os.kill(os.getpid(), signal.SIGKILL)
   table = analysis.results_table(plan, sweep["score"], sweep["rank_a"], sweep["rank_b"],
-                                 model=config.model, metric=config.metric, n=store.n)
-  write_table(table, out)
-  return SweepResult(out, table, plan, len(chunks), len(pending), degenerate(table), store.n)
+                                 model=config.model, metric=config.metric, n=n)
+  if index == 0:
+    write_table(table, out)
+  return SweepResult(out, table, plan, len(chunks), len(pending), degenerate(table), n)
+
+
+def _own_keys(config: SweepConfig, state: dict, index: int, count: int) -> tuple[dict, int]:
+  """This process's complete representations ({key: store}) and the stores' sentence count.
+
+  Its keys are those of its block of the languages, read from whichever stores hold them (the
+  processes that extracted them, with the same process count, this process itself).
+  """
+  from engine.store import open_store  # pylint: disable=import-outside-toplevel
+  out = Path(config.output_dir)
+  stores = state["extracted"].get("stores") or {STORE_DIR: list(config.languages)}
+  mine = set(_languages_of(config, index, count))
+  where, n = {}, 0
+  for name, languages in stores.items():
+    if mine & set(languages):
+      store = open_store(out / name)
+      n = store.n
+      where.update((pairs_lib.RepKey(*k), store) for k in store.keys() if k.language in mine)
+  return where, n
 
 
 def degenerate(table) -> int:
@@ -560,9 +704,17 @@ def write_table(table, out: Path) -> None:
 
 def run_sweep(config: SweepConfig, *, overwrite: bool = False,
               log: Callable[[str], None] = print) -> SweepResult:
-  """Extracts, plans and scores a sweep in config.output_dir (resuming what is there)."""
+  """Extracts, plans and scores a sweep in config.output_dir (resuming what is there).
+
+  With several processes every one calls this with the same config; only process 0 logs and
+  claims the output directory, and the others follow its state.
+  """
   config = normalize(config)
   mesh = _mesh(config.devices)  # before any work: a bad --devices fails at once
-  state = prepare(config, overwrite=overwrite)
+  index, _ = _process()
+  if index != 0:
+    log = lambda _: None  # pylint: disable=unnecessary-lambda-assignment
+    config = dataclasses.replace(config, progress=False)
+  state = _together(lambda: prepare(config, overwrite=overwrite) if index == 0 else None)[0]
   state, planned = extract_stage(config, state, log)
   return score_stage(config, state, log, planned, mesh)
