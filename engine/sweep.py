@@ -264,8 +264,9 @@ def prepare(config: SweepConfig, *, overwrite: bool = False) -> dict:
 # ----------------------------------------------------------------------------- extraction
 
 
-def load_corpus(config: SweepConfig):
-  """The corpus of the sweep (audio only when speech is swept)."""
+def load_corpus(config: SweepConfig, among: Sequence[int] | None = None):
+  """The corpus of the sweep (audio only when speech is swept). among: FLEURS sentence ids
+  the languages of other processes have too (engine.data.fleurs.eligible_ids)."""
   import datasets  # pylint: disable=import-outside-toplevel
   from engine import data  # pylint: disable=import-outside-toplevel
   datasets.disable_progress_bars()
@@ -273,7 +274,7 @@ def load_corpus(config: SweepConfig):
   if config.source == "fleurs":
     return data.load_fleurs(list(config.languages), split=config.split,
                             local_dir=config.fleurs_dir, max_sentences=config.max_sentences,
-                            cache_dir=config.cache_dir)
+                            cache_dir=config.cache_dir, among=among)
   corpus = data.load_bundled(list(config.languages), with_audio=with_audio,
                              cache_dir=config.cache_dir)
   if config.max_sentences is not None:
@@ -344,6 +345,16 @@ def _languages_of(config: SweepConfig, index: int, count: int) -> tuple[str, ...
   return tuple(distributed.share(config.languages, index, count))
 
 
+def _common_fleurs_ids(config: SweepConfig, mine: Sequence[str]) -> list[int]:
+  """The FLEURS sentences every process's languages have (the first --max_sentences): what one
+  process loading all the languages would keep."""
+  from engine.data import fleurs  # pylint: disable=import-outside-toplevel
+  found = _together(lambda: fleurs.eligible_ids(list(mine), config.split,
+                                                local_dir=config.fleurs_dir) if mine else None)
+  ids = sorted(set.intersection(*(set(f) for f in found if f is not None)))
+  return ids[:config.max_sentences] if config.max_sentences is not None else ids
+
+
 def extract_stage(config: SweepConfig, state: dict, log: Callable[[str], None]
                   ) -> tuple[dict, str | None]:
   """Extracts into the store unless a previous run finished that.
@@ -363,11 +374,12 @@ def extract_stage(config: SweepConfig, state: dict, log: Callable[[str], None]
   mine = _languages_of(config, index, count)
   local = dataclasses.replace(config, languages=mine)
   work = {}
+  among = _common_fleurs_ids(config, mine) if config.source == "fleurs" and count > 1 else None
 
   def begin():
     if not mine:  # more processes than languages
       return None
-    work["corpus"] = corpus = load_corpus(local)
+    work["corpus"] = corpus = load_corpus(local, among)
     work["adapter"] = adapter = get_adapter(config.model, device=str(resolve_device(config.device)),
                                             dtype=config.model_dtype)
     ids = corpus.select_columns(["id"]).to_pandas()["id"].unique()
@@ -377,9 +389,8 @@ def extract_stage(config: SweepConfig, state: dict, log: Callable[[str], None]
 
   shares = [s for s in _together(begin) if s is not None]
   if any(s["ids"] != shares[0]["ids"] for s in shares):
-    raise SweepError("the processes' corpora hold different sentence ids (each process loads "
-                     "its own languages; FLEURS keeps the sentences all of them have): run the "
-                     "sweep in one process, or with languages that share their sentences")
+    raise SweepError("the processes loaded corpora with different sentence ids; do all hosts "
+                     "run the same code on the same data?")
   layer_counts = shares[0]["layer_counts"]
   keys = ordered([k for s in shares for k in s["keys"]], config, list(layer_counts))
   planned = _make_plan(config, keys, layer_counts)

@@ -151,6 +151,25 @@ def test_max_sentences_and_text_column(tmp_path):
   assert corpus.corpus_info(ds)["steps"][-1] == {"step": "first 2 by id", "sentences": 2}
 
 
+def test_languages_loaded_apart_align_as_one_load(tmp_path):
+  """A multi-process sweep: each group finds its eligible ids, each loads among their
+  intersection, and together they hold what one load of every language holds."""
+  make_fleurs(tmp_path / "fleurs", "tsv")
+  groups = [["eng", "deu"], ["swh"]]
+  found = [fleurs.eligible_ids(g, "test", local_dir=tmp_path / "fleurs",
+                               hf_cache_dir=tmp_path / "hf") for g in groups]
+  assert found == [[10, 11, 13], [10, 11, 12, 13]]  # deu lacks 12
+  among = sorted(set(found[0]) & set(found[1]))
+  whole = _load(tmp_path, max_sentences=3).to_pandas()
+  assert _load(tmp_path, languages=["swh"], max_sentences=3)["id"] == [10, 11, 12]  # alone
+  for group in groups:
+    part = _load(tmp_path, languages=group, max_sentences=3, among=among).to_pandas()
+    expected = whole[whole["language"].isin(group)].reset_index(drop=True)
+    assert list(part["id"]) == list(expected["id"]) and list(part["text"]) == list(expected["text"])
+    for a, b in zip(part["audio"], expected["audio"]):
+      np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("layout", ["parquet", "tsv"])
 def test_corrupt_audio_names_file_and_language(tmp_path, layout):
   make_fleurs(tmp_path / "fleurs", layout, corrupt=True)

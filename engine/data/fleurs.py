@@ -17,7 +17,9 @@ Alignment: a sentence (FLoRes id) is kept when every requested language has it, 
 `recordings_per_sentence` recordings; the recordings used are the first ones by file name, so the
 choice is deterministic. Each language then holds the same ids in ascending order (each id
 repeated `recordings_per_sentence` times). The sentences surviving each step are logged and
-kept in corpus_info(ds)['steps'].
+kept in corpus_info(ds)['steps']. Processes that each load some of the languages (a
+multi-process sweep) align them as one load of all would: each finds `eligible_ids` of its
+languages, and each loads its own with `among=` the ids every process found.
 """
 from __future__ import annotations
 
@@ -177,10 +179,13 @@ def _hub_source(code, config, split, text_column, hf_cache_dir) -> Source:
 
 
 def align(tables: dict[str, pd.DataFrame], recordings_per_sentence: int = 1,
-          max_sentences: int | None = None) -> tuple[dict[str, pd.DataFrame], list[dict]]:
+          max_sentences: int | None = None, among: Iterable[int] | None = None
+          ) -> tuple[dict[str, pd.DataFrame], list[dict]]:
   """Keeps sentences every language has (with enough recordings) and picks recordings by name.
 
-  Returns per language the chosen rows sorted by (id, file), and the survivors of each step.
+  among: only these sentence ids are candidates (those that other languages, loaded elsewhere,
+  have too). Returns per language the chosen rows sorted by (id, file), and the survivors of
+  each step.
   """
   read = {"step": "read", "sentences": {}, "recordings": {}, "duplicate rows": {}}
   chosen = {}
@@ -198,6 +203,9 @@ def align(tables: dict[str, pd.DataFrame], recordings_per_sentence: int = 1,
   counts = [t.groupby("id").size() for t in chosen.values()]
   ids = {i for i in ids if all(c[i] >= k for c in counts)}
   steps.append({"step": f"at least {k} recordings in every language", "sentences": len(ids)})
+  if among is not None:
+    ids &= {int(i) for i in among}
+    steps.append({"step": "in the other processes' languages", "sentences": len(ids)})
   ids = sorted(ids)
   if max_sentences is not None:
     ids = ids[:max_sentences]
@@ -229,19 +237,8 @@ def _rows(plan) -> Iterator[dict]:
     del data
 
 
-def load_fleurs(languages: str | Iterable[str] | None, split: str = "test", *,
-                local_dir: str | os.PathLike | None = None, recordings_per_sentence: int = 1,
-                max_sentences: int | None = None, text_column: str = "raw_transcription",
-                cache_dir: str | os.PathLike | None = None,
-                hf_cache_dir: str | os.PathLike | None = None) -> datasets.Dataset:
-  """FLEURS sentences present in every language, as text and 16 kHz speech, aligned by id.
-
-  languages: codes in any accepted spelling (None: DEFAULT_LANGUAGES). local_dir: a local copy
-  (see module doc); without it the Hub's parquet export is read, and a network failure raises
-  ConnectionError explaining how to provide a local copy. cache_dir: where the built corpus is
-  written (engine.data.speech.cache_root); hf_cache_dir: `datasets`' own download/parquet cache.
-  """
-  codes = languages_lib.resolve_languages(languages)
+def _sources(codes: list[str], split: str, local_dir, text_column: str,
+             recordings_per_sentence: int, hf_cache_dir) -> dict[str, Source]:
   _split_names(split)
   if text_column not in TEXT_COLUMNS:
     raise ValueError(f"unknown text column {text_column!r}; valid: {', '.join(TEXT_COLUMNS)}")
@@ -254,8 +251,39 @@ def load_fleurs(languages: str | Iterable[str] | None, split: str = "test", *,
     sources[code] = (
         _local_source(code, config, Path(local_dir), split, text_column, hf_cache)
         if local_dir is not None else _hub_source(code, config, split, text_column, hf_cache))
+  return sources
+
+
+def eligible_ids(languages: str | Iterable[str], split: str = "test", *,
+                 local_dir: str | os.PathLike | None = None, recordings_per_sentence: int = 1,
+                 text_column: str = "raw_transcription",
+                 hf_cache_dir: str | os.PathLike | None = None) -> list[int]:
+  """The sentence ids `load_fleurs` would keep for these languages before `max_sentences`;
+  their intersection over several groups of languages is what one load of all of them keeps."""
+  codes = languages_lib.resolve_languages(languages)
+  sources = _sources(codes, split, local_dir, text_column, recordings_per_sentence, hf_cache_dir)
+  chosen, _ = align({c: s.table for c, s in sources.items()}, recordings_per_sentence)
+  return sorted(int(i) for i in chosen[codes[0]]["id"].unique())
+
+
+def load_fleurs(languages: str | Iterable[str] | None, split: str = "test", *,
+                local_dir: str | os.PathLike | None = None, recordings_per_sentence: int = 1,
+                max_sentences: int | None = None, text_column: str = "raw_transcription",
+                cache_dir: str | os.PathLike | None = None,
+                hf_cache_dir: str | os.PathLike | None = None,
+                among: Iterable[int] | None = None) -> datasets.Dataset:
+  """FLEURS sentences present in every language, as text and 16 kHz speech, aligned by id.
+
+  languages: codes in any accepted spelling (None: DEFAULT_LANGUAGES). local_dir: a local copy
+  (see module doc); without it the Hub's parquet export is read, and a network failure raises
+  ConnectionError explaining how to provide a local copy. cache_dir: where the built corpus is
+  written (engine.data.speech.cache_root); hf_cache_dir: `datasets`' own download/parquet cache.
+  among: only these sentence ids are candidates (see `eligible_ids`).
+  """
+  codes = languages_lib.resolve_languages(languages)
+  sources = _sources(codes, split, local_dir, text_column, recordings_per_sentence, hf_cache_dir)
   chosen, steps = align({c: s.table for c, s in sources.items()}, recordings_per_sentence,
-                        max_sentences)
+                        max_sentences, among)
   for step in steps:
     logging.info("FLEURS %s: %s", split, step)
   if not len(chosen[codes[0]]):
