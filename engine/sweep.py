@@ -637,8 +637,7 @@ def score_stage(config: SweepConfig, state: dict, log: Callable[[str], None],
   ocp, manager = _checkpointer(out)
   sweep = _fresh(len(plan))
   if manager.latest_step() is not None:
-    sweep = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(sweep))
-    sweep = {name: np.array(value) for name, value in sweep.items()}
+    sweep = _restore(ocp, manager, sweep, out / CHECKPOINT_DIR)
   pending = [c for c in chunks if not sweep["done"][c.plan_index].all()]
   mesh, devices = mesh or _mesh(config.devices)
   done = int(sweep["done"].sum())
@@ -689,6 +688,28 @@ def _own_keys(config: SweepConfig, state: dict, index: int, count: int) -> tuple
       n = store.n
       where.update((pairs_lib.RepKey(*k), store) for k in store.keys() if k.language in mine)
   return where, n
+
+
+def _restore(ocp, manager, fresh: dict, where: Path) -> dict:
+  """The latest checkpoint; a damaged one is a SweepError naming it and the way out."""
+  step = manager.latest_step()
+  path = where / str(step)
+  redo = f"delete {where} and run again: the pairs are rescored from the stored activations"
+  try:
+    restored = manager.restore(step, args=ocp.args.StandardRestore(fresh))
+    restored = {name: np.array(value) for name, value in restored.items()}
+  except Exception as e:  # pylint: disable=broad-except
+    # orbax and tensorstore raise ValueError, KeyError, JSONDecodeError, ... with the whole
+    # tensorstore spec in the message
+    reason = " ".join(str(e).split("[tensorstore_spec")[0].split())[:160]
+    raise SweepError(f"checkpoint {path} is damaged ({type(e).__name__}: {reason}); "
+                     f"{redo}") from None
+  done = restored["done"]
+  if (any(restored[k].shape != v.shape or restored[k].dtype != v.dtype for k, v in fresh.items())
+      or not np.isfinite(restored["score"][done]).all()
+      or (restored["rank_a"][done] < 1).any() or (restored["rank_b"][done] < 1).any()):
+    raise SweepError(f"checkpoint {path} is damaged (inconsistent contents); {redo}")
+  return restored
 
 
 def degenerate(table) -> int:

@@ -232,9 +232,6 @@ def _damage(path: Path, how: str) -> None:
     path.write_bytes(bytes(flipped))
 
 
-@pytest.mark.xfail(strict=True, reason="engine.sweep restores checkpoints without catching "
-                   "orbax/tensorstore errors: they surface as a several-kilobyte tensorstore spec "
-                   "(or a KeyError) that neither names the way out nor fits on a line")
 def test_damaged_checkpoint_is_an_error_naming_it(tmp_path, monkeypatch):
   """Flipped or truncated checkpoint files (the arrays, orbax's metadata, the OCDBT manifest):
   an error naming the checkpoint and the way out, or the same table; never other numbers."""
