@@ -3,9 +3,10 @@
 Each stage (bases, pairs) is traced on its own after it has compiled. The trace's XLA
 operations are reduced to self time (an event's duration less its children's) on the XLA
 worker threads and grouped: SVD, tridiagonal reduction, GEMM, while-loop control, fused
-elementwise work (in the pair stage mostly the bisection's Sturm counts) and the executor's
-own time between ops (many tiny ops inside loops show up there). Host transfers are timed by
-wall clock (on CPU they are copies that the trace does not separate from waiting).
+elementwise work (in the pair stage mostly the bisection's Sturm counts). The executor's
+containers are left out (their self time is mostly waiting for a worker); a stage's wall time
+beyond the summed op time is dispatch, per-op overhead and idle cores. Host transfers are
+timed by wall clock (on CPU they are copies that the trace does not separate from waiting).
 """
 from __future__ import annotations
 
@@ -19,15 +20,14 @@ import time
 
 import numpy as np
 
-CATEGORIES = (  # first match wins, on the lower-cased op name
-    ("svd", re.compile(r"svd|gesdd|gesvd")),
-    ("tridiagonal reduction", re.compile(r"tridiagonal|sytrd")),
-    ("eigh", re.compile(r"eig|syevd|heevd")),
-    ("qr", re.compile(r"\bqr\b|geqrf|orgqr")),
-    ("gemm", re.compile(r"dot|gemm|matmul|ynn|xnn|convolution")),
+CATEGORIES = (  # first match wins, on the lower-cased op (CPU) or kernel (GPU) name
+    ("svd", re.compile(r"svd|gesdd|gesvd|bdsqr|jacobi")),
+    ("tridiagonal reduction", re.compile(r"tridiagonal|sytrd|sytd2|latrd")),
+    ("eigh", re.compile(r"eig|syevd|heevd|stedc|steqr")),
+    ("qr", re.compile(r"\bqr\b|geqrf|orgqr|larfb")),
+    ("gemm", re.compile(r"dot|gemm|matmul|ynn|xnn|convolution|xmma|cutlass|cublas")),
     ("while-loop control", re.compile(r"^while|^conditional|^call")),
-    ("executor overhead", re.compile(r"thunkexecutor")),
-    ("host transfer", re.compile(r"h2d|d2h|transfer|copy_to|copy_from")),
+    ("host transfer", re.compile(r"h2d|d2h|transfer|copy_to|copy_from|memcpy")),
     ("elementwise fusions", re.compile(r".")),
 )
 
@@ -41,7 +41,7 @@ def _category(name: str) -> str:
 
 
 def self_times(trace_dir: str) -> dict[str, float]:
-  """Seconds of self time per category on XLA worker threads, from the newest trace in a dir."""
+  """Seconds of self time per category of XLA's ops, from the newest trace in a directory."""
   files = sorted(glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True))
   if not files:
     return {}
@@ -50,12 +50,23 @@ def self_times(trace_dir: str) -> dict[str, float]:
   events = trace["traceEvents"] if isinstance(trace, dict) else trace
   threads = {(e.get("pid"), e.get("tid")): e["args"].get("name", "") for e in events
              if e.get("ph") == "M" and e.get("name") == "thread_name"}
+  processes = {e.get("pid"): e["args"].get("name", "") for e in events
+               if e.get("ph") == "M" and e.get("name") == "process_name"}
+  # CPU: XLA's worker threads run the ops. GPU/TPU: the device's 'XLA Ops' line if there is
+  # one, else its streams (kernels).
+  op_lines = {p for (p, _), name in threads.items()
+              if processes.get(p, "").startswith("/device:") and name == "XLA Ops"}
+
+  def wanted(pid, tid) -> bool:
+    thread, process = threads.get((pid, tid), ""), processes.get(pid, "")
+    if process.startswith("/device:"):
+      return thread == "XLA Ops" if pid in op_lines else True
+    return thread.startswith("tf_XLA") or thread.startswith("tf_pjrt")
+
   by_thread = collections.defaultdict(list)
   for e in events:
-    if e.get("ph") == "X" and "dur" in e:
-      name = threads.get((e.get("pid"), e.get("tid")), "")
-      if name.startswith("tf_XLA") or name.startswith("tf_pjrt"):
-        by_thread[(e.get("pid"), e.get("tid"))].append(e)
+    if e.get("ph") == "X" and "dur" in e and wanted(e.get("pid"), e.get("tid")):
+      by_thread[(e.get("pid"), e.get("tid"))].append(e)
   totals = collections.Counter()
   for evs in by_thread.values():
     evs.sort(key=lambda e: (e["ts"], -e["dur"]))
@@ -63,7 +74,8 @@ def self_times(trace_dir: str) -> dict[str, float]:
     def close(until):
       while stack and stack[-1][0] <= until:
         end, ev, child = stack.pop()
-        totals[_category(ev["name"])] += max(ev["dur"] - child, 0.0)
+        if "thunkexecutor" not in ev["name"].lower():  # containers; their self time is waiting
+          totals[_category(ev["name"])] += max(ev["dur"] - child, 0.0)
         if stack:
           stack[-1][2] += ev["dur"]
     for e in evs:

@@ -1,7 +1,7 @@
 """FLOP counts of the all-pairs SVCCA algorithm, and the machine's measured GEMM rate to hold
 them against.
 
-Bases: one thin SVD of each centred [n, d] representation. Pairs: U_a^T U_b (2nK^2), the Gram
+Bases: one thin SVD of each centred [n, d] representation (gesdd's operation count). Pairs: U_a^T U_b (2nK^2), the Gram
 matrix M^T M (2K^3) and its Householder tridiagonalisation (~4/3 K^3; bisection is O(K^2)),
 with K the padded width the kernel actually computes with.
 """
@@ -12,13 +12,17 @@ import time
 
 
 def svd_flops(m: int, n: int) -> float:
-  """Thin SVD of an m x n matrix with U and V (Golub & Van Loan, Fig. 8.6.1).
+  """Thin SVD with U and V of an m x n matrix as LAPACK's gesdd does it (approximate).
 
-  The cheaper of Golub-Reinsch (14 M N^2 + 8 N^3) and R-SVD, a QR first (6 M N^2 + 20 N^3),
-  with M >= N the long and short sides.
+  M >= N the long and short sides. Householder bidiagonalisation (4MN^2 - 4/3 N^3),
+  divide-and-conquer vectors of the bidiagonal (~8/3 N^3) and the reflectors applied to them
+  (4MN^2 - 2N^3 and 2N^3): 8MN^2 + 4/3 N^3. When M >= 11N/6 a QR comes first (QR, thin Q, the
+  N x N SVD, one GEMM): 6MN^2 + 8N^3.
   """
   big, small = max(m, n), min(m, n)
-  return min(14 * big * small**2 + 8 * small**3, 6 * big * small**2 + 20 * small**3)
+  if 6 * big >= 11 * small:
+    return 6 * big * small**2 + 8 * small**3
+  return 8 * big * small**2 + 4 / 3 * small**3
 
 
 def bases_flops(r: int, n: int, d: int) -> float:

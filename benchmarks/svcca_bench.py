@@ -47,6 +47,7 @@ flags.DEFINE_list("baselines", ["reference", "naive_jax", "torch", "repsim"],
                   "Per-pair / library methods to time.")
 flags.DEFINE_integer("baseline_pairs", 8, "Most pairs timed per baseline and shape.")
 flags.DEFINE_float("baseline_budget_s", 60.0, "Stop timing a baseline's pairs past this (>= 2).")
+flags.DEFINE_integer("gemm_size", 2048, "Square float32 GEMM timed as the machine's ceiling.")
 flags.DEFINE_string("torch_device", "cpu", "Device of the PyTorch baseline (cpu, cuda).")
 flags.DEFINE_integer("repsim_max_width", 256,
                      "repsim (Jacobi SVDs) is timed only where min(n, d) is at most this.")
@@ -66,6 +67,9 @@ flags.DEFINE_integer("blas_threads", 0,
                      "a small machine shared with other work, 2 threads thrash.")
 flags.DEFINE_string("out", "benchmarks/results", "Output directory.")
 flags.DEFINE_bool("quick", False, "Toy sizes: a smoke test of the whole benchmark.")
+flags.DEFINE_string("render", "",
+                    "Re-derive the FLOP columns of an existing results JSON and rewrite it with "
+                    "its markdown and PNG (no measuring).")
 flags.DEFINE_string("worker_out", "", "Internal: measure the kernel only, write JSON here.")
 
 # Every new shape compiles the kernel anew (~10 s each on a busy 2-core machine), so --quick
@@ -129,12 +133,25 @@ def _compile_s(since: float, until: float) -> float:
   return sum(s for t, s in _COMPILE_EVENTS if since <= t <= until)
 
 
+def roofline_fields(r: int, n: int, d: int, k: int, bases_s: float, pairs_s: float,
+                    gemm: float | None = None) -> dict:
+  """FLOPs of both stages, their rates and (given the GEMM rate) their share of it."""
+  from benchmarks import roofline
+  flops_b = roofline.bases_flops(r, n, d)
+  flops_p = r * (r - 1) // 2 * roofline.pair_flops(n, k)
+  out = {"bases_gflop": flops_b / 1e9, "pairs_gflop": flops_p / 1e9,
+         "bases_gflops": flops_b / bases_s / 1e9, "pairs_gflops": flops_p / pairs_s / 1e9}
+  if gemm:
+    out.update({"bases_pct_gemm": 100 * out["bases_gflops"] / gemm,
+                "pairs_pct_gemm": 100 * out["pairs_gflops"] / gemm})
+  return out
+
+
 def bench_kernel(reps, threshold: float, repeats: int, budget_s: float, mesh=None) -> dict:
   """Bases and pair stage of the kernel: medians over runs after a first (compiling) call."""
   import jax
   import numpy as np
 
-  from benchmarks import roofline
   from engine import sharding, svcca
   _listen_for_compiles()
   pairs = svcca.all_pairs(reps.shape[0])
@@ -167,14 +184,10 @@ def bench_kernel(reps, threshold: float, repeats: int, budget_s: float, mesh=Non
     pairs_s = first["first_pairs_s"] - first["compile_pairs_s"]
   r, n, d = reps.shape
   k = int(bases.u.shape[-1])
-  flops_b = roofline.bases_flops(r, n, d)
-  flops_p = len(pairs) * roofline.pair_flops(n, k)
   return {"scores": scores, "pairs": len(pairs), "padded_rank": k,
           "mean_rank": float(np.mean(np.asarray(bases.rank))), "ranks": np.asarray(bases.rank),
           "runs": len(runs), "bases_s": bases_s, "pairs_s": pairs_s, "total_s": bases_s + pairs_s,
-          **first, "bases_gflop": flops_b / 1e9, "pairs_gflop": flops_p / 1e9,
-          "bases_gflops": flops_b / bases_s / 1e9, "pairs_gflops": flops_p / pairs_s / 1e9,
-          "devices": sharding.device_summary(mesh), "device_count": int(mesh.size)}
+          **first, **roofline_fields(r, n, d, k, bases_s, pairs_s), "devices": sharding.device_summary(mesh), "device_count": int(mesh.size)}
 
 
 # ----------------------------------------------------------------------------- baselines
@@ -277,8 +290,8 @@ class Runner:
     index = {tuple(p): s for p, s in zip(svcca.all_pairs(r).tolist(), kernel["scores"])}
     out = {"R": r, "n": n, "d": d, "data": cfg["data"],
            **{k: v for k, v in kernel.items() if k not in ("scores", "ranks")},
-           "pairs_pct_gemm": 100 * kernel["pairs_gflops"] / self.gemm,
-           "bases_pct_gemm": 100 * kernel["bases_gflops"] / self.gemm, "methods": {}}
+           **roofline_fields(r, n, d, kernel["padded_rank"], kernel["bases_s"],
+                             kernel["pairs_s"], self.gemm), "methods": {}}
     for name in baselines:
       if name == "repsim":
         if not bl.repsim_available():
@@ -400,7 +413,8 @@ def markdown(report: dict) -> str:
   lines += ["", "## Roofline and agreement", "",
             f"Measured float32 GEMM (XLA, {meta['gemm_size']}^3, HIGHEST precision, "
             f"{meta['backend']}): **{meta['gemm_gflops']:.1f} "
-            "GFLOP/s**. FLOPs: bases = R thin SVDs (min of Golub-Reinsch and R-SVD counts); pairs "
+            "GFLOP/s**. FLOPs: bases = R thin SVDs (LAPACK gesdd's count, see "
+            "benchmarks/roofline.py); pairs "
             "= per pair 2nK^2 (U_a^T U_b) + 2K^3 (Gram) + 4/3 K^3 (tridiagonal), K the padded "
             "width computed with.", "",
             "| R | n | d | bases GFLOP | bases GFLOP/s | bases % GEMM | pairs GFLOP | "
@@ -441,15 +455,19 @@ def markdown(report: dict) -> str:
     lines += ["", f"## Where the time goes (R={prof['R']}, n={prof['n']}, d={prof['d']}, "
               "jax.profiler trace, self time on XLA threads)", ""]
     for stage in ("bases", "pairs"):
-      total = sum(prof[stage]["self_s"].values()) or 1.0
-      parts = ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in prof[stage]["self_s"].items()
+      ops = prof[stage]["self_s"]
+      total = sum(ops.values()) or 1.0
+      parts = ", ".join(f"{k} {_s(v)} s ({100 * v / total:.0f}%)" for k, v in ops.items()
                         if v / total >= 0.01)
-      lines.append(f"- {stage}: wall {_s(prof[stage]['wall_s'])} s; {parts}")
+      lines.append(f"- {stage}: wall {_s(prof[stage]['wall_s'])} s, op time {_s(total)} s "
+                   f"(summed over worker threads): {parts}")
     lines.append(f"- host transfers: input {prof['input_mb']:.0f} MB to device "
                  f"{_s(prof['host_to_device_s'])} s; bases {prof['bases_mb']:.0f} MB to host "
                  f"{_s(prof['bases_to_host_s'])} s")
     lines.append(f"- compile: bases {_s(prof['compile_bases_s'])} s, pairs "
                  f"{_s(prof['compile_pairs_s'])} s (JAX compile events on the first call)")
+    if prof.get("note"):
+      lines.append(f"- note: {prof['note']}")
   lines += ["", "Kernel times are medians of timed runs after a first, compiling call "
             "(`‡`: one call only, past --kernel_budget_s, less the compile time JAX reported). "
             "`*`: per-pair median over a random sample of pairs times the number of pairs "
@@ -567,7 +585,7 @@ def run(cfg: dict, partial_path: str | None = None) -> dict:
       with open(partial_path, "w") as f:
         json.dump(_jsonable({"paper": paper, "curves": curves}), f)
 
-  gemm_size = 512 if FLAGS.quick else 2048
+  gemm_size = 512 if FLAGS.quick else FLAGS.gemm_size
   gemm = roofline.gemm_gflops(gemm_size)
   runner = Runner(cfg, gemm)
   for n in cfg["samples"]:
@@ -626,8 +644,28 @@ def set_threads(count: int) -> None:
       os.environ[var] = str(count)
 
 
+def render(path: str) -> None:
+  with open(path) as f:
+    report = json.load(f)
+  gemm = report["meta"]["gemm_gflops"]
+  rows = report["paper"] + [w for axis, ws in report["curves"].items() if axis != "devices"
+                            for w in ws]
+  for w in rows:
+    w.update(roofline_fields(w["R"], w["n"], w["d"], w["padded_rank"], w["bases_s"],
+                             w["pairs_s"], gemm))
+  stem = path[:-len(".json")]
+  with open(path, "w") as f:
+    json.dump(report, f, indent=1)
+  with open(stem + ".md", "w") as f:
+    f.write(markdown(report))
+  plot(report, stem + ".png")
+
+
 def main(argv):
   del argv
+  if FLAGS.render:
+    render(FLAGS.render)
+    return
   cfg = config()
   set_threads(cfg["blas_threads"])
   if FLAGS.devices:
