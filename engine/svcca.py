@@ -132,8 +132,13 @@ def _kept_rank(s: jax.Array, threshold: float, n: int, d: int) -> jax.Array:
   return jnp.clip(jnp.minimum(k, numerical), 1, s.shape[0]).astype(jnp.int32)
 
 
-def basis(x: jax.Array, *, threshold: float = 0.99, with_weights: bool = False):
-  """One representation [n, d] -> masked (u [n, K], s [K], w [K, d] | None, rank), K = min(n, d)."""
+def basis(x: jax.Array, *, threshold: float = 0.99, with_weights: bool = False,
+          reorthogonalize: bool = False):
+  """One representation [n, d] -> masked (u [n, K], s [K], w [K, d] | None, rank), K = min(n, d).
+
+  `reorthogonalize` replaces the kept columns of u by the Q of their QR (signs kept): float32
+  GPU SVDs return u off orthogonal by ~5e-4, which shifts every score by as much.
+  """
   n, d = x.shape
   xc = x - jnp.mean(x, axis=0, keepdims=True)
   u, s, vt = jnp.linalg.svd(xc, full_matrices=False)
@@ -141,13 +146,18 @@ def basis(x: jax.Array, *, threshold: float = 0.99, with_weights: bool = False):
   keep = jnp.arange(s.shape[0]) < rank
   s = jnp.where(keep, s, 0)
   u = jnp.where(keep[None, :], u, 0)
+  if reorthogonalize:
+    q, r = jnp.linalg.qr(u)
+    sign = jnp.where(jnp.diagonal(r) < 0, -1.0, 1.0).astype(u.dtype)
+    u = jnp.where(keep[None, :], q * sign[None, :], 0)
   w = (s[:, None] * vt) if with_weights else None
   return u, s, w, rank
 
 
-@functools.partial(jax.jit, static_argnames=("threshold", "with_weights"))
-def _bases(x: jax.Array, *, threshold: float, with_weights: bool):
-  return jax.vmap(functools.partial(basis, threshold=threshold, with_weights=with_weights))(x)
+@functools.partial(jax.jit, static_argnames=("threshold", "with_weights", "reorthogonalize"))
+def _bases(x: jax.Array, *, threshold: float, with_weights: bool, reorthogonalize: bool):
+  return jax.vmap(functools.partial(basis, threshold=threshold, with_weights=with_weights,
+                                    reorthogonalize=reorthogonalize))(x)
 
 
 def _metric_threshold(metric: str, threshold: float) -> float:
@@ -161,7 +171,8 @@ def _metric_threshold(metric: str, threshold: float) -> float:
 
 def compute_bases(reps, *, metric: str = "svcca", threshold: float = 0.99,
                   names: Sequence[str] | None = None, dtype=None,
-                  trim: bool = True, warn: bool = True) -> Bases:
+                  trim: bool = True, warn: bool = True,
+                  reorthogonalize: bool | None = None) -> Bases:
   """One SVD per representation, never one per pair.
 
   Returns bases padded to K columns; with `trim` K is cut to the largest kept rank (rounded up
@@ -172,7 +183,10 @@ def compute_bases(reps, *, metric: str = "svcca", threshold: float = 0.99,
   sharding.single_threaded_lapack()
   dtype = np.dtype(dtype or sharding.default_dtype())
   x = jnp.asarray(_stack(arrays, dtype))
-  u, s, w, rank = _bases(x, threshold=threshold, with_weights=metric == "pwcca")
+  if reorthogonalize is None:  # CPU LAPACK's u is orthogonal to float32 round-off already
+    reorthogonalize = jax.default_backend() != "cpu"
+  u, s, w, rank = _bases(x, threshold=threshold, with_weights=metric == "pwcca",
+                         reorthogonalize=bool(reorthogonalize))
   rank_np = np.asarray(rank)
   n = x.shape[1]
   if warn and metric != "cka":

@@ -76,6 +76,21 @@ class ReferenceAgreementTest(parameterized.TestCase):
     self.assertAlmostEqual(svcca.linear_cka(x, y), reference.linear_cka(x, y), delta=TOL)
     self.assertAlmostEqual(svcca.svcca(x, y, threshold=0.9), reference.svcca(x, y, 0.9), delta=TOL)
 
+  def test_reorthogonalized_bases_score_the_same(self):
+    """The QR pass GPUs get: orthonormal kept columns, same span, so the same scores."""
+    reps = structured_reps(seed=4)
+    pairs = svcca.all_pairs(len(reps))
+    for metric in svcca.METRICS:
+      plain = svcca.compute_bases(reps, metric=metric, reorthogonalize=False)
+      fixed = svcca.compute_bases(reps, metric=metric, reorthogonalize=True)
+      np.testing.assert_array_equal(np.asarray(plain.rank), np.asarray(fixed.rank))
+      for u, k in zip(np.asarray(fixed.u), np.asarray(fixed.rank)):
+        np.testing.assert_allclose(u[:, :k].T @ u[:, :k], np.eye(k), atol=1e-5)
+        self.assertEqual(np.abs(u[:, k:]).max(initial=0.0), 0.0)
+      got = svcca.pair_scores(fixed, pairs, metric=metric).score
+      want = svcca.pair_scores(plain, pairs, metric=metric).score
+      np.testing.assert_allclose(got, want, atol=1e-5, err_msg=metric)
+
   def test_chunking_and_padding_do_not_change_scores(self):
     reps = structured_reps(seed=5)
     bases = svcca.compute_bases(reps)
