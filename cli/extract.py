@@ -10,10 +10,11 @@ the exit status is 1.
 from __future__ import annotations
 
 import logging
-import sys
 import warnings
 
 from absl import app, flags
+
+from cli.errors import one_line
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "seamless-tiny",
@@ -80,6 +81,7 @@ def parse_layers(values):
 def extract_from_flags() -> str:
   """Runs the extraction the flags describe; returns a one-paragraph summary."""
   import datasets  # pylint: disable=import-outside-toplevel
+
   from engine.extract import extract  # pylint: disable=import-outside-toplevel
   from engine.models import get_adapter  # pylint: disable=import-outside-toplevel
   from engine.models.seamless import resolve_device  # pylint: disable=import-outside-toplevel
@@ -107,16 +109,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   warnings.filterwarnings("ignore", category=FutureWarning)
   logging.getLogger("datasets").setLevel(logging.WARNING)
-  try:
-    print(extract_from_flags())
-  except KeyboardInterrupt:
-    print("extract: interrupted; re-run the same command to resume", file=sys.stderr)
-    return 130
-  except (ValueError, OSError, ConnectionError, ImportError) as e:
-    message = " ".join(str(e).split())
-    print(f"extract: error: {message}", file=sys.stderr)
-    return 1
-  return 0
+  return one_line("extract", extract_from_flags)
 
 
 def run():

@@ -9,10 +9,9 @@ line naming the file, and the exit status is 1.
 """
 from __future__ import annotations
 
-import sys
-
 from absl import app, flags
 
+from cli.errors import one_line
 from engine.report import describe, report
 
 FLAGS = flags.FLAGS
@@ -28,13 +27,8 @@ flags.mark_flag_as_required("output_dir")
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  try:
-    print(describe(report(FLAGS.output_dir, table=FLAGS.table, sites=FLAGS.sites)))
-  except (ValueError, OSError) as e:
-    message = " ".join(str(e).split())
-    print(f"report: error: {message}", file=sys.stderr)
-    return 1
-  return 0
+  return one_line("report", lambda: describe(report(FLAGS.output_dir, table=FLAGS.table,
+                                                          sites=FLAGS.sites)))
 
 
 def run():

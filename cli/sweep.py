@@ -23,11 +23,12 @@ Each process extracts its share of the languages; only process 0 writes results.
 from __future__ import annotations
 
 import logging
-import sys
 import warnings
 
 from absl import app, flags
 from absl import logging as absl_logging
+
+from cli.errors import one_line
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "seamless-tiny",
@@ -136,6 +137,7 @@ def report(output_dir) -> str:
 def sweep_from_flags() -> str:
   initialize_processes()
   import jax  # pylint: disable=import-outside-toplevel
+
   from engine.sweep import run_sweep  # pylint: disable=import-outside-toplevel
   result = run_sweep(config_from_flags(), overwrite=FLAGS.overwrite)
   if jax.process_index() != 0:
@@ -159,16 +161,7 @@ def main(argv):
   warnings.filterwarnings("ignore", category=FutureWarning)
   warnings.filterwarnings("ignore", message="no speech for language")  # reported per language
   logging.getLogger("datasets").setLevel(logging.WARNING)
-  try:
-    print(sweep_from_flags())
-  except KeyboardInterrupt:
-    print("sweep: interrupted; re-run the same command to resume", file=sys.stderr)
-    return 130
-  except (ValueError, OSError, ConnectionError, ImportError) as e:
-    message = " ".join(str(e).split())
-    print(f"sweep: error: {message}", file=sys.stderr)
-    return 1
-  return 0
+  return one_line("sweep", sweep_from_flags)
 
 
 def run():
