@@ -53,20 +53,10 @@ def load_corpus():
   if FLAGS.source == "bundled":
     corpus = data.load_bundled(languages, with_audio=with_audio, cache_dir=FLAGS.cache_dir)
     if FLAGS.max_sentences is not None:
-      corpus = first_sentences(corpus, FLAGS.max_sentences)
+      corpus = data.first_sentences(corpus, FLAGS.max_sentences)
     return corpus
   return data.load_fleurs(languages, split=FLAGS.split, local_dir=FLAGS.fleurs_dir,
                           max_sentences=FLAGS.max_sentences, cache_dir=FLAGS.cache_dir)
-
-
-def first_sentences(corpus, n: int):
-  """Rows of the first n sentence ids (every language keeps the same ids)."""
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  if n < 1:
-    raise ValueError(f"--max_sentences must be >= 1, got {n}")
-  ids = corpus.select_columns(["id"]).to_pandas()["id"].to_numpy()
-  keep = np.sort(np.unique(ids))[:n]
-  return corpus.select(np.flatnonzero(np.isin(ids, keep)))
 
 
 def parse_layers(values):

@@ -278,9 +278,7 @@ def load_corpus(config: SweepConfig, among: Sequence[int] | None = None):
   corpus = data.load_bundled(list(config.languages), with_audio=with_audio,
                              cache_dir=config.cache_dir)
   if config.max_sentences is not None:
-    ids = corpus.select_columns(["id"]).to_pandas()["id"].to_numpy()
-    keep = np.sort(np.unique(ids))[:config.max_sentences]
-    corpus = corpus.select(np.flatnonzero(np.isin(ids, keep)))
+    corpus = data.first_sentences(corpus, config.max_sentences)
   return corpus
 
 
