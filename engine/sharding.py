@@ -5,6 +5,7 @@ The same code runs on 1 CPU, simulated CPU devices, a GPU, a TPU slice, or sever
 """
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import os
 from collections.abc import Callable, Sequence
@@ -53,6 +54,29 @@ def single_threaded_lapack() -> None:
       lib.set_num_threads(1)
 
 
+def host_cores() -> int:
+  """Cores this process may run on (the affinity mask, which containers and taskset narrow)."""
+  try:
+    return max(1, len(os.sched_getaffinity(0)))
+  except AttributeError:  # not on Linux
+    return max(1, os.cpu_count() or 1)
+
+
+def host_map(fn: Callable, items: Sequence, workers: int) -> list:
+  """[fn(item) for item in items], run from `workers` host threads, each result ready.
+
+  jaxlib runs a CPU LAPACK call (an SVD) on one core, and a batched one as a serial loop, so
+  one batched SVD over R representations leaves the other cores idle. Unbatched calls from
+  separate threads run at once and release the GIL. (Batched calls from several threads can
+  deadlock: each blocks an XLA pool thread waiting for work queued behind the other.)
+  """
+  workers = max(1, min(workers, len(items)))
+  if workers == 1:
+    return [jax.block_until_ready(fn(item)) for item in items]
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    return list(pool.map(lambda item: jax.block_until_ready(fn(item)), items))
+
+
 def pair_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A 1-D mesh over `devices` (default: all devices of all processes), axis 'pairs'."""
   devices = list(devices) if devices is not None else jax.devices()
@@ -74,16 +98,26 @@ def sharded(block: Callable, mesh: Mesh) -> Callable:
 
 
 def map_pairs(block: Callable, replicated, pairs: np.ndarray, *, mesh: Mesh,
-              chunk_size: int) -> np.ndarray:
-  """Runs `block` over pairs [P, 2] padded to a multiple of devices x chunk; returns [P]."""
+              chunk_size: int, threads: int = 1) -> np.ndarray:
+  """Runs `block` over pairs [P, 2] padded to a multiple of devices x chunk; returns [P].
+
+  With `threads` > 1 the padded pair axis is cut into that many equal slices, each run as its
+  own execution from its own host thread (one compiled shape): on a single CPU device the
+  unbatched LAPACK calls of one execution run one after another on one core.
+  """
   count = pairs.shape[0]
-  unit = mesh.size * chunk_size
+  unit = mesh.size * chunk_size * threads
   padded = max(unit, -(-count // unit) * unit)
   pad = np.zeros((padded - count, pairs.shape[1]), pairs.dtype)  # pair (0, 0): valid, dropped
   full = np.concatenate([pairs, pad])
-  full = _place(full, NamedSharding(mesh, P(PAIR_AXIS)))
   replicated = jax.tree.map(lambda x: _place(x, NamedSharding(mesh, P())), replicated)
-  out = sharded(block, mesh)(replicated, full)
+  run = sharded(block, mesh)
+  place = functools.partial(_place, sharding=NamedSharding(mesh, P(PAIR_AXIS)))
+  if threads > 1:
+    parts = host_map(lambda part: np.asarray(run(replicated, place(part))),
+                     np.split(full, threads), threads)
+    return np.concatenate(parts)[:count]
+  out = run(replicated, place(full))
   if not out.is_fully_addressable:  # several processes: each holds its devices' scores
     from jax.experimental import multihost_utils
     out = multihost_utils.process_allgather(out, tiled=True)

@@ -154,6 +154,9 @@ def basis(x: jax.Array, *, threshold: float = 0.99, with_weights: bool = False,
   return u, s, w, rank
 
 
+_basis = jax.jit(basis, static_argnames=("threshold", "with_weights", "reorthogonalize"))
+
+
 @functools.partial(jax.jit, static_argnames=("threshold", "with_weights", "reorthogonalize"))
 def _bases(x: jax.Array, *, threshold: float, with_weights: bool, reorthogonalize: bool):
   return jax.vmap(functools.partial(basis, threshold=threshold, with_weights=with_weights,
@@ -172,7 +175,7 @@ def _metric_threshold(metric: str, threshold: float) -> float:
 def compute_bases(reps, *, metric: str = "svcca", threshold: float = 0.99,
                   names: Sequence[str] | None = None, dtype=None,
                   trim: bool = True, warn: bool = True,
-                  reorthogonalize: bool | None = None) -> Bases:
+                  reorthogonalize: bool | None = None, parallel: bool = True) -> Bases:
   """One SVD per representation, never one per pair.
 
   Returns bases padded to K columns; with `trim` K is cut to the largest kept rank (rounded up
@@ -182,11 +185,18 @@ def compute_bases(reps, *, metric: str = "svcca", threshold: float = 0.99,
   arrays = as_representations(reps, names)
   sharding.single_threaded_lapack()
   dtype = np.dtype(dtype or sharding.default_dtype())
-  x = jnp.asarray(_stack(arrays, dtype))
+  x = _stack(arrays, dtype)
+  on_cpu = jax.default_backend() == "cpu"
   if reorthogonalize is None:  # CPU LAPACK's u is orthogonal to float32 round-off already
-    reorthogonalize = jax.default_backend() != "cpu"
-  u, s, w, rank = _bases(x, threshold=threshold, with_weights=metric == "pwcca",
-                         reorthogonalize=bool(reorthogonalize))
+    reorthogonalize = not on_cpu
+  options = dict(threshold=threshold, with_weights=metric == "pwcca",
+                 reorthogonalize=bool(reorthogonalize))
+  if on_cpu and parallel:  # a batched CPU SVD is a serial loop on one core: use them all
+    one = functools.partial(_basis, **options)
+    parts = sharding.host_map(one, list(x), sharding.host_cores())
+    u, s, w, rank = jax.tree.map(lambda *leaves: jnp.stack(leaves), *parts)
+  else:
+    u, s, w, rank = _bases(x, **options)
   rank_np = np.asarray(rank)
   n = x.shape[1]
   if warn and metric != "cka":
@@ -322,14 +332,17 @@ def pair_scores(bases: Bases, pairs, *, metric: str = "svcca", mesh=None,
   chunk = chunk_size or auto_chunk_size(n, k, d, itemsize=np.dtype(bases.u.dtype).itemsize)
   mesh = mesh or sharding.pair_mesh()
   sharding.single_threaded_lapack()
-  if metric != "cka" and mesh.size > 1 and mesh.devices.flat[0].platform == "cpu":
-    # jaxlib's batched LAPACK kernels fan a batch out onto the intra-op thread pool and block
-    # until it drains; with several CPU devices every pool thread can be such a waiter and
-    # the program deadlocks. One pair at a time keeps each eigensolve unbatched; the devices
-    # share the same cores, so they still keep them busy.
+  threads = 1
+  if metric != "cka" and mesh.devices.flat[0].platform == "cpu":
+    # jaxlib's batched CPU LAPACK kernels fan a batch out onto XLA's intra-op thread pool and
+    # block until it drains. Two executions at once (several CPU devices, or several host
+    # threads) can leave every pool thread such a waiter: a deadlock. One pair at a time
+    # keeps each eigensolve unbatched; several devices already run at once, and a single
+    # device is fed from one host thread per core, or its eigensolves would share one core.
     chunk = 1
+    threads = sharding.host_cores() if mesh.size == 1 else 1
   scores = sharding.map_pairs(_pairs_fn(metric, chunk), tuple(bases),
-                              pairs, mesh=mesh, chunk_size=chunk)
+                              pairs, mesh=mesh, chunk_size=chunk, threads=threads)
   return PairResult(np.asarray(scores, np.float64), rank[pairs[:, 0]], rank[pairs[:, 1]])
 
 

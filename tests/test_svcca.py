@@ -4,14 +4,17 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 import warnings
 
 import chex
+import jax
 import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
 
-from engine import svcca
+from engine import sharding, svcca
 from tests import reference
 
 TOL = 1e-4  # float32 kernel vs float64 reference
@@ -92,14 +95,60 @@ class ReferenceAgreementTest(parameterized.TestCase):
       np.testing.assert_allclose(got, want, atol=1e-5, err_msg=metric)
 
   def test_chunking_and_padding_do_not_change_scores(self):
+    """Batched chunks (the accelerator path) against one pair at a time (the CPU path)."""
     reps = structured_reps(seed=5)
-    bases = svcca.compute_bases(reps)
     pairs = svcca.all_pairs(len(reps))
-    a = svcca.pair_scores(bases, pairs, chunk_size=1).score
-    b = svcca.pair_scores(bases, pairs, chunk_size=4).score
-    c = svcca.pair_scores(bases, pairs).score
-    np.testing.assert_allclose(a, b, atol=1e-6)
-    np.testing.assert_allclose(a, c, atol=1e-6)
+    for metric in svcca.METRICS:
+      bases = tuple(svcca.compute_bases(reps, metric=metric))
+      one = svcca.score_pairs(bases, jnp.asarray(pairs), metric=metric, chunk_size=1)
+      four = svcca.score_pairs(bases, jnp.asarray(pairs), metric=metric, chunk_size=4)
+      staged = svcca.pair_scores(svcca.Bases(*bases), pairs, metric=metric).score
+      # float32 GEMMs of other batch shapes round differently: a few ulp of a score near 1.
+      np.testing.assert_allclose(one, four, atol=3e-6, err_msg=metric)
+      np.testing.assert_allclose(one, staged, atol=3e-6, err_msg=metric)
+
+  def test_threaded_pair_stage_matches_one_execution(self):
+    """Pairs cut over host threads (unevenly: padded, then dropped) give the same scores."""
+    reps = structured_reps(seed=6, widths=(24, 40, 32, 40, 16))
+    pairs = np.concatenate([svcca.all_pairs(5), [[3, 1], [4, 4]]]).astype(np.int32)  # 12
+    mesh = sharding.pair_mesh(jax.devices()[:1])
+    for metric in ("svcca", "pwcca"):
+      bases = tuple(svcca.compute_bases(reps, metric=metric))
+      block = svcca._pairs_fn(metric, 1)
+      one = sharding.map_pairs(block, bases, pairs, mesh=mesh, chunk_size=1)
+      for threads in (2, 5):
+        got = sharding.map_pairs(block, bases, pairs, mesh=mesh, chunk_size=1, threads=threads)
+        self.assertEqual(got.shape, (12,))
+        np.testing.assert_allclose(got, one, atol=1e-6, err_msg=f"{metric}, {threads} threads")
+      want = [reference.METRICS[metric](reps[i], reps[j]) if i != j else 1.0 for i, j in pairs]
+      np.testing.assert_allclose(one, want, atol=TOL, err_msg=metric)
+
+  def test_host_map_keeps_order_and_uses_threads(self):
+    seen = set()
+
+    def work(i):
+      seen.add(threading.get_ident())
+      time.sleep(0.05)
+      return jnp.full((2,), i)
+
+    out = sharding.host_map(work, list(range(6)), workers=3)
+    self.assertEqual([int(o[0]) for o in out], list(range(6)))
+    self.assertGreater(len(seen), 1)
+    self.assertLen(sharding.host_map(work, [7], workers=8), 1)
+
+  def test_bases_from_host_threads_match_one_batched_call(self):
+    reps = structured_reps(seed=8, widths=(24, 40, 32, 40, 16))
+    for metric in svcca.METRICS:
+      threaded = svcca.compute_bases(reps, metric=metric, parallel=True)
+      batched = svcca.compute_bases(reps, metric=metric, parallel=False)
+      np.testing.assert_array_equal(np.asarray(threaded.rank), np.asarray(batched.rank))
+      np.testing.assert_allclose(threaded.s, batched.s, rtol=1e-5, atol=1e-6)
+      for a, b in zip(np.asarray(threaded.u), np.asarray(batched.u)):  # same kept span
+        np.testing.assert_allclose(a @ a.T, b @ b.T, atol=1e-5)
+      pairs = svcca.all_pairs(len(reps))
+      np.testing.assert_allclose(svcca.pair_scores(threaded, pairs, metric=metric).score,
+                                 svcca.pair_scores(batched, pairs, metric=metric).score,
+                                 atol=1e-5, err_msg=metric)
 
 
 class PropertyTest(parameterized.TestCase):
@@ -245,7 +294,7 @@ sharding.simulate_cpu_devices(int(sys.argv[1]))
 if sys.argv[2] == "float64":
   sharding.set_dtype("float64")
 import jax
-from engine import svcca
+from engine import sharding, svcca
 from tests.test_svcca import structured_reps
 reps = structured_reps(seed=11, widths=(24, 40, 32, 40, 16, 28))
 assert jax.device_count() == int(sys.argv[1]), jax.devices()
