@@ -100,13 +100,20 @@ def _traced(fn, trace_dir: str):
   return out, wall
 
 
-def profile(reps: np.ndarray, threshold: float, mesh=None) -> dict:
-  """Profiles one all-pairs run (shapes should already be compiled by a timed run)."""
+def profile(reps: np.ndarray, threshold: float, mesh=None, max_pairs: int = 128) -> dict:
+  """Profiles the bases of all representations and the pair stage on `max_pairs` pairs.
+
+  The pair stage is sampled because on CPU it runs one pair at a time, and a trace of every
+  op of thousands of pairs outgrows memory when it is read back (24 GB at 1,770 pairs).
+  """
   import jax
 
   from engine import svcca
-  pairs = svcca.all_pairs(reps.shape[0])
-  out = {}
+  everything = svcca.all_pairs(reps.shape[0])
+  pairs = everything[np.random.default_rng(0).permutation(len(everything))[:max_pairs]]
+  svcca.pair_scores(svcca.compute_bases(reps[:2], threshold=threshold, warn=False), pairs % 2,
+                    mesh=mesh)  # compiles the sample's shape outside the trace
+  out = {"pairs_profiled": int(len(pairs)), "pairs_total": int(len(everything))}
   with tempfile.TemporaryDirectory() as tmp:
     bases, wall = _traced(lambda: jax.block_until_ready(
         svcca.compute_bases(reps, threshold=threshold, warn=False)), f"{tmp}/bases")

@@ -459,8 +459,10 @@ def markdown(report: dict) -> str:
       total = sum(ops.values()) or 1.0
       parts = ", ".join(f"{k} {_s(v)} s ({100 * v / total:.0f}%)" for k, v in ops.items()
                         if v / total >= 0.01)
-      lines.append(f"- {stage}: wall {_s(prof[stage]['wall_s'])} s, op time {_s(total)} s "
-                   f"(summed over worker threads): {parts}")
+      sample = (f" on {prof['pairs_profiled']} of {prof['pairs_total']} pairs"
+                if stage == "pairs" and "pairs_profiled" in prof else "")
+      lines.append(f"- {stage}{sample}: wall {_s(prof[stage]['wall_s'])} s, op time "
+                   f"{_s(total)} s (summed over worker threads): {parts}")
     lines.append(f"- host transfers: input {prof['input_mb']:.0f} MB to device "
                  f"{_s(prof['host_to_device_s'])} s; bases {prof['bases_mb']:.0f} MB to host "
                  f"{_s(prof['bases_to_host_s'])} s")
@@ -583,7 +585,8 @@ def run(cfg: dict, partial_path: str | None = None) -> dict:
   def save_partial():  # a long run leaves what it has measured so far
     if partial_path:
       with open(partial_path, "w") as f:
-        json.dump(_jsonable({"paper": paper, "curves": curves}), f)
+        json.dump(_jsonable({"meta": {"gemm_gflops": gemm, "gemm_size": gemm_size},
+                             "paper": paper, "curves": curves}), f)
 
   gemm_size = 512 if FLAGS.quick else FLAGS.gemm_size
   gemm = roofline.gemm_gflops(gemm_size)
