@@ -14,34 +14,13 @@ import warnings
 
 from absl import app, flags
 
+from cli import corpus_flags
 from cli.errors import one_line
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", "seamless-tiny",
-                    "Adapter name, hub id or local directory: seamless-tiny, seamless-v1-tiny, "
-                    "seamless-mid, facebook/seamless-m4t-v2-large, sonar-tiny, salmonn-tiny, ...")
-flags.DEFINE_enum("source", "bundled", ["bundled", "fleurs"], "Corpus: the bundled offline "
-                  "corpus (espeak-ng speech) or FLEURS.")
-flags.DEFINE_string("fleurs_dir", None, "Local FLEURS copy (see engine.data.fleurs); without it "
-                    "FLEURS is read from the Hub.")
-flags.DEFINE_string("split", "test", "FLEURS split.")
-flags.DEFINE_integer("max_sentences", None, "Keep only the first N sentence ids (quick runs).")
-flags.DEFINE_list("languages", None, "Language codes (any accepted alias); default: the 30 "
-                  "default languages.")
-flags.DEFINE_list("modalities", ["text", "speech"], "Modalities to extract: text, speech.")
-flags.DEFINE_list("sites", None, "Sites to extract (default: all of the model's sites).")
-flags.DEFINE_list("layers", None, "Layer indices for every selected site, negative from the end "
-                  "(default: all).")
-flags.DEFINE_enum("pooling", "mean", ["mean", "max", "first", "last"],
-                  "Pooling over valid positions.")
-flags.DEFINE_integer("batch_size", 16, "Most sentences per batch.")
-flags.DEFINE_float("max_speech_seconds", None, "Cap on a speech batch's padded duration.")
+flags.adopt_module_key_flags(corpus_flags)  # listed by --help with this module's own
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Model dtype.")
-flags.DEFINE_string("device", "auto", "cpu, cuda, cuda:1, ... or auto (cuda when available).")
 flags.DEFINE_string("output_dir", None, "Activation store directory (created or resumed).")
-flags.DEFINE_string("cache_dir", None, "Corpus / speech cache (default $XMODAL_CACHE or "
-                    "~/.cache/xmodal-svcca).")
-flags.DEFINE_bool("progress", True, "Show a progress bar.")
 flags.mark_flag_as_required("output_dir")
 
 

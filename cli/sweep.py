@@ -28,25 +28,11 @@ import warnings
 from absl import app, flags
 from absl import logging as absl_logging
 
+from cli import corpus_flags
 from cli.errors import one_line
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", "seamless-tiny",
-                    "seamless-tiny | sonar-tiny | salmonn-tiny (random, offline), a hub id such "
-                    "as facebook/seamless-m4t-v2-large, or a local directory.")
-flags.DEFINE_enum("source", "bundled", ["bundled", "fleurs"],
-                  "Corpus: the bundled offline corpus (espeak-ng speech) or FLEURS.")
-flags.DEFINE_string("fleurs_dir", None, "Local FLEURS copy; without it FLEURS comes from the Hub.")
-flags.DEFINE_string("split", "test", "FLEURS split.")
-flags.DEFINE_integer("max_sentences", None, "Keep only the first N sentence ids (quick runs).")
-flags.DEFINE_list("languages", None, "Language codes (any accepted alias); default: every "
-                  "bundled language, or the 30 default languages for FLEURS.")
-flags.DEFINE_list("modalities", ["text", "speech"], "text, speech or both.")
-flags.DEFINE_list("sites", None, "Sites to extract (default: every site of the model).")
-flags.DEFINE_list("layers", None, "Layer indices for every site, negative from the end "
-                  "(default: all).")
-flags.DEFINE_enum("pooling", "mean", ["mean", "max", "first", "last"],
-                  "Pooling over valid positions.")
+flags.adopt_module_key_flags(corpus_flags)  # listed by --help with this module's own
 flags.DEFINE_enum("model_dtype", "float32", ["float32", "bfloat16", "float16"],
                   "Dtype the model runs in.")
 flags.DEFINE_enum("metric", "svcca", ["svcca", "pwcca", "cka"], "Similarity measure.")
@@ -60,17 +46,11 @@ flags.DEFINE_enum("dtype", "float32", ["float32", "float64"], "Dtype of the SVD 
 flags.DEFINE_string("devices", "auto", "Devices of the pair mesh: a count, 'all', or 'auto' "
                     "(every accelerator; one CPU device per process). With several processes "
                     "the mesh spans them all, and a count is taken evenly from each.")
-flags.DEFINE_string("device", "auto", "Torch device of the model: cpu, cuda, cuda:1, auto.")
-flags.DEFINE_integer("batch_size", 16, "Most sentences per extraction batch.")
-flags.DEFINE_float("max_speech_seconds", None, "Cap on a speech batch's padded duration.")
 flags.DEFINE_integer("chunk_pairs", None, "Most pairs per checkpointed chunk (default: one "
                      "chunk per pair of (site, layer) places).")
 flags.DEFINE_string("output_dir", "runs/default", "Sweep directory (created, or resumed).")
 flags.DEFINE_bool("overwrite", False, "Discard what the sweep wrote to --output_dir before.")
 flags.DEFINE_bool("report", True, "Write summary.json and plots/ (as cli.report does) at the end.")
-flags.DEFINE_string("cache_dir", None, "Corpus / speech cache (default $XMODAL_CACHE or "
-                    "~/.cache/xmodal-svcca).")
-flags.DEFINE_bool("progress", True, "Show progress bars.")
 flags.DEFINE_string("coordinator", None, "Multi-process runs: HOST:PORT of process 0's "
                     "coordination service (with --num_processes and --process_id). Without the "
                     "three, a cluster JAX recognises (Cloud TPU, SLURM, Open MPI) is joined "
