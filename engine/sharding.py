@@ -65,10 +65,10 @@ def host_cores() -> int:
 def host_map(fn: Callable, items: Sequence, workers: int) -> list:
   """[fn(item) for item in items], run from `workers` host threads, each result ready.
 
-  jaxlib runs a CPU LAPACK call (an SVD) on one core, and a batched one as a serial loop, so
-  one batched SVD over R representations leaves the other cores idle. Unbatched calls from
-  separate threads run at once and release the GIL. (Batched calls from several threads can
-  deadlock: each blocks an XLA pool thread waiting for work queued behind the other.)
+  jaxlib runs a CPU LAPACK call (an SVD) on one core; a batched one fans out onto XLA's pool
+  but blocks a pool thread while it waits, and in practice kept one core busy. Unbatched calls
+  from separate threads run at once and release the GIL. (Batched calls from several threads
+  can deadlock: each blocks a pool thread waiting for work queued behind the other.)
   """
   workers = max(1, min(workers, len(items)))
   if workers == 1:

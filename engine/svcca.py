@@ -191,7 +191,7 @@ def compute_bases(reps, *, metric: str = "svcca", threshold: float = 0.99,
     reorthogonalize = not on_cpu
   options = dict(threshold=threshold, with_weights=metric == "pwcca",
                  reorthogonalize=bool(reorthogonalize))
-  if on_cpu and parallel:  # a batched CPU SVD is a serial loop on one core: use them all
+  if on_cpu and parallel:  # a batched CPU SVD mostly keeps one core busy: feed them all
     one = functools.partial(_basis, **options)
     parts = sharding.host_map(one, list(x), sharding.host_cores())
     u, s, w, rank = jax.tree.map(lambda *leaves: jnp.stack(leaves), *parts)
