@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from engine import pairs as P
+from engine.keys import Key
 
 LANGS = ("eng", "deu", "swh")
 
@@ -27,7 +28,7 @@ def unordered(plan):
 
 
 def test_repkey_is_a_plain_tuple():
-  key = P.RepKey("eng", "text", "text_encoder", 3)
+  key = Key("eng", "text", "text_encoder", 3)
   assert key == ("eng", "text", "text_encoder", 3)
   assert hash(key) == hash(("eng", "text", "text_encoder", 3))
   assert key.name == "eng.text.text_encoder.3"
@@ -41,7 +42,7 @@ def test_plans_are_deterministic_without_duplicates(name):
   assert plan, name
   assert len(set(unordered(plan))) == len(plan)
   for a, b, family in plan:
-    assert isinstance(a, P.RepKey) and isinstance(b, P.RepKey) and a != b
+    assert isinstance(a, Key) and isinstance(b, Key) and a != b
     assert family in P.FAMILIES
 
 
