@@ -16,28 +16,14 @@ from absl import app, flags
 
 from cli import corpus_flags
 from cli.errors import one_line
+from engine import settings
 
 FLAGS = flags.FLAGS
 flags.adopt_module_key_flags(corpus_flags)  # listed by --help with this module's own
-flags.DEFINE_enum("model_dtype", "float32", ["float32", "bfloat16", "float16"],
-                  "Dtype the model runs in (as cli.sweep's --model_dtype).")
+corpus_flags.define(settings.Model, only=("model_dtype",))
 flags.DEFINE_alias("dtype", "model_dtype")  # deprecated spelling of --model_dtype
 flags.DEFINE_string("output_dir", None, "Activation store directory (created or resumed).")
 flags.mark_flag_as_required("output_dir")
-
-
-def load_corpus():
-  """The corpus the flags ask for (speech only when a speech modality is requested)."""
-  from engine import data  # pylint: disable=import-outside-toplevel
-  languages = data.resolve_languages(FLAGS.languages)
-  with_audio = "speech" in FLAGS.modalities
-  if FLAGS.source == "bundled":
-    corpus = data.load_bundled(languages, with_audio=with_audio, cache_dir=FLAGS.cache_dir)
-    if FLAGS.max_sentences is not None:
-      corpus = data.first_sentences(corpus, FLAGS.max_sentences)
-    return corpus
-  return data.load_fleurs(languages, split=FLAGS.split, local_dir=FLAGS.fleurs_dir,
-                          max_sentences=FLAGS.max_sentences, cache_dir=FLAGS.cache_dir)
 
 
 def parse_layers(values):
@@ -51,15 +37,17 @@ def parse_layers(values):
 
 def extract_from_flags() -> str:
   """Runs the extraction the flags describe; returns a one-paragraph summary."""
-  import datasets  # pylint: disable=import-outside-toplevel
-
+  from engine import data  # pylint: disable=import-outside-toplevel
   from engine.extract import extract  # pylint: disable=import-outside-toplevel
   from engine.models import get_adapter  # pylint: disable=import-outside-toplevel
   from engine.models.common import resolve_device  # pylint: disable=import-outside-toplevel
-  datasets.disable_progress_bars()
   layers = parse_layers(FLAGS.layers)
-  corpus = load_corpus()
-  adapter = get_adapter(FLAGS.model, device=str(resolve_device(FLAGS.device)), dtype=FLAGS.model_dtype)
+  corpus = data.load_corpus(FLAGS.source, data.resolve_languages(FLAGS.languages),
+                            with_audio="speech" in FLAGS.modalities, split=FLAGS.split,
+                            max_sentences=FLAGS.max_sentences, fleurs_dir=FLAGS.fleurs_dir,
+                            cache_dir=FLAGS.cache_dir)
+  adapter = get_adapter(FLAGS.model, device=str(resolve_device(FLAGS.device)),
+                        dtype=FLAGS.model_dtype)
   report = extract(adapter, corpus, FLAGS.output_dir, modalities=FLAGS.modalities,
                    sites=FLAGS.sites, layers=layers, pooling=FLAGS.pooling,
                    batch_size=FLAGS.batch_size, max_speech_seconds=FLAGS.max_speech_seconds,

@@ -25,30 +25,22 @@ from __future__ import annotations
 import logging
 import warnings
 
+import jax
 from absl import app, flags
 from absl import logging as absl_logging
 
 from cli import corpus_flags
 from cli.errors import one_line
+from engine import distributed, settings
+from engine.report import describe
+from engine.report import report as write_report
+from engine.sweep import run_sweep
 
 FLAGS = flags.FLAGS
 flags.adopt_module_key_flags(corpus_flags)  # listed by --help with this module's own
-flags.DEFINE_enum("model_dtype", "float32", ["float32", "bfloat16", "float16"],
-                  "Dtype the model runs in.")
-flags.DEFINE_enum("metric", "svcca", ["svcca", "pwcca", "cka"], "Similarity measure.")
-flags.DEFINE_float("threshold", 0.99, "Variance kept by the SVD step (svcca, pwcca).")
-flags.DEFINE_string("plan", "paper", "Comparison plan: 'paper' (cross-modal, cross-lingual "
-                    "text and speech, and the adaptor where the model has one), or all, "
-                    "cross_modal, cross_lingual_text, cross_lingual_speech, adaptor, cross_layer, "
-                    "joined with '+'.")
-flags.DEFINE_string("pivot", None, "Cross-lingual pairs only against this language (e.g. eng).")
-flags.DEFINE_enum("dtype", "float32", ["float32", "float64"], "Dtype of the SVD and pair kernel.")
-flags.DEFINE_string("devices", "auto", "Devices of the pair mesh: a count, 'all', or 'auto' "
-                    "(every accelerator; one CPU device per process). With several processes "
-                    "the mesh spans them all, and a count is taken evenly from each.")
-flags.DEFINE_integer("chunk_pairs", None, "Most pairs per checkpointed chunk (default: one "
-                     "chunk per pair of (site, layer) places).")
-flags.DEFINE_string("output_dir", "runs/default", "Sweep directory (created, or resumed).")
+corpus_flags.define(settings.Model, only=("model_dtype",))
+corpus_flags.define(settings.Scoring)
+corpus_flags.define(settings.Run, skip=corpus_flags.EXTRACTION_RUN)
 flags.DEFINE_bool("overwrite", False, "Discard what the sweep wrote to --output_dir before.")
 flags.DEFINE_bool("report", True, "Write summary.json and plots/ (as cli.report does) at the end.")
 flags.DEFINE_string("coordinator", None, "Multi-process runs: HOST:PORT of process 0's "
@@ -64,7 +56,8 @@ _PROCESS_FLAGS = ("coordinator", "num_processes", "process_id")
 
 def initialize_processes() -> bool:
   """Joins the multi-process job the flags (or a detected cluster) describe, before any JAX
-  device is used; True when there are several processes."""
+  device is used (importing JAX and the engine touches none); True when there are several
+  processes."""
   given = [name for name in _PROCESS_FLAGS if getattr(FLAGS, name) is not None]
   if given and len(given) < len(_PROCESS_FLAGS):
     missing = ", ".join(f"--{name}" for name in _PROCESS_FLAGS if name not in given)
@@ -74,7 +67,6 @@ def initialize_processes() -> bool:
     raise ValueError(f"--num_processes={FLAGS.num_processes} must be at least 1")
   if FLAGS.process_id is not None and not 0 <= FLAGS.process_id < FLAGS.num_processes:
     raise ValueError(f"--process_id={FLAGS.process_id} is not in 0..{FLAGS.num_processes - 1}")
-  from engine import distributed  # pylint: disable=import-outside-toplevel
   try:
     return distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
   except (RuntimeError, KeyError) as e:  # no coordinator reached, or a half-described cluster
@@ -85,41 +77,19 @@ def initialize_processes() -> bool:
                           "--coordinator=localhost:0 --num_processes=1 --process_id=0") from None
 
 
-def config_from_flags():
-  """The SweepConfig the flags describe."""
-  from engine.sweep import SweepConfig, SweepError  # pylint: disable=import-outside-toplevel
-  layers = None
-  if FLAGS.layers:
-    try:
-      layers = tuple(int(v) for v in FLAGS.layers)
-    except ValueError:
-      raise SweepError(f"--layers={','.join(FLAGS.layers)}: layers must be integers") from None
-  tuple_or_none = lambda v: tuple(v) if v else None  # pylint: disable=unnecessary-lambda-assignment
-  return SweepConfig(
-      model=FLAGS.model, source=FLAGS.source, split=FLAGS.split,
-      languages=tuple_or_none(FLAGS.languages), modalities=tuple(FLAGS.modalities),
-      sites=tuple_or_none(FLAGS.sites), layers=layers, pooling=FLAGS.pooling,
-      model_dtype=FLAGS.model_dtype, max_sentences=FLAGS.max_sentences, metric=FLAGS.metric,
-      threshold=FLAGS.threshold, plan=FLAGS.plan, pivot=FLAGS.pivot, dtype=FLAGS.dtype,
-      output_dir=FLAGS.output_dir, fleurs_dir=FLAGS.fleurs_dir, cache_dir=FLAGS.cache_dir,
-      devices=FLAGS.devices, device=FLAGS.device, batch_size=FLAGS.batch_size,
-      max_speech_seconds=FLAGS.max_speech_seconds, chunk_pairs=FLAGS.chunk_pairs,
-      progress=FLAGS.progress)
+def settings_from_flags() -> settings.Settings:
+  """The sweep's settings, as the flags give them."""
+  return settings.from_flags(corpus_flags.values(FLAGS))
 
 
 def report(output_dir) -> str:
   """summary.json and the figures from the finished table (engine.report, as cli.report does)."""
-  from engine.report import describe  # pylint: disable=import-outside-toplevel
-  from engine.report import report as write_report
   return describe(write_report(output_dir))
 
 
 def sweep_from_flags() -> str:
   initialize_processes()
-  import jax  # pylint: disable=import-outside-toplevel
-
-  from engine.sweep import run_sweep  # pylint: disable=import-outside-toplevel
-  result = run_sweep(config_from_flags(), overwrite=FLAGS.overwrite)
+  result = run_sweep(settings_from_flags(), overwrite=FLAGS.overwrite)
   if jax.process_index() != 0:
     return (f"process {jax.process_index()} of {jax.process_count()}: {len(result.table)} pairs "
             "scored; process 0 writes the results")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple, Sequence
 
@@ -105,6 +106,16 @@ def load_table(path: str | Path) -> pd.DataFrame:
   except Exception as e:  # pyarrow and the CSV parser raise many types for unreadable files
     raise ValueError(f"results table {path} is unreadable: {type(e).__name__}: {e}") from e
   return validate_table(table, source=f"results table {path}")
+
+
+def write_table(table: pd.DataFrame, out: str | Path) -> None:
+  """results.parquet and results.csv in directory `out`, each written to a temporary file then
+  renamed, so a reader never sees half a table."""
+  out = Path(out)
+  for name, write in ((RESULTS_PARQUET, table.to_parquet), (RESULTS_CSV, table.to_csv)):
+    tmp = out / f".{name}.tmp"
+    write(tmp, index=False)
+    os.replace(tmp, out / name)
 
 
 def _in_order(values: Sequence[str], first: Sequence[str] = ()) -> list[str]:

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+
+from engine.svcca import Bases
 
 T = TypeVar("T")
 
@@ -112,32 +115,74 @@ def barrier(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
-def no_bases(n: int, dtype, weights: bool):
-  """`svcca.Bases` of no representation: what a process owning none of a place contributes
-  to `gather_bases` (its feature width is taken from the others)."""
-  from engine.svcca import Bases
+def no_bases(n: int, dtype, weights: bool) -> Bases:
+  """Bases of no representation: what a process owning none of a place contributes to
+  `gather_bases` (its feature width is taken from the others)."""
   dtype = np.dtype(dtype)
   return Bases(u=np.zeros((0, n, 0), dtype), s=np.zeros((0, 0), dtype),
                w=np.zeros((0, 0, 0), dtype) if weights else None, rank=np.zeros(0, np.int32))
 
 
-def gather_bases(local):
-  """Every process's `svcca.Bases` (of its share of representations, in process order) -> all.
+def pad_bases(bases: Bases, width: int, features: int | None = None) -> Bases:
+  """Bases zero-padded to `width` kept directions (K) and, with weights, `features` (d).
 
-  Widths are padded to the widest share; the padding is zero columns past every rank, which
-  the pair stage masks, so scores do not change. A share may be empty (`no_bases`).
+  Exact: zero columns past every rank add no variance and the pair stage masks them, so bases
+  of different ranks and feature widths batch together without changing a score.
   """
-  from engine.svcca import Bases
+  pad = width - bases.u.shape[-1]
+  u = jnp.pad(bases.u, ((0, 0), (0, 0), (0, pad)))
+  s = jnp.pad(bases.s, ((0, 0), (0, pad)))
+  w = None
+  if bases.w is not None:
+    w = jnp.pad(bases.w, ((0, 0), (0, pad), (0, features - bases.w.shape[-1])))
+  return Bases(u=u, s=s, w=w, rank=bases.rank)
+
+
+def join_bases(parts: Sequence[Bases]) -> Bases:
+  """Several Bases (e.g. of two (site, layer) places) as one, padded to the widest."""
+  if len(parts) == 1:
+    return parts[0]
+  width = max(b.u.shape[-1] for b in parts)
+  features = max(b.w.shape[-1] for b in parts) if parts[0].w is not None else None
+  padded = [pad_bases(b, width, features) for b in parts]
+  return Bases(u=jnp.concatenate([b.u for b in padded]), s=jnp.concatenate([b.s for b in padded]),
+               w=None if features is None else jnp.concatenate([b.w for b in padded]),
+               rank=jnp.concatenate([b.rank for b in padded]))
+
+
+def gather_bases(local: Bases) -> Bases:
+  """Every process's Bases (of its share of representations, in process order) -> all.
+
+  Widths are padded to the widest share (`pad_bases`). A share may be empty (`no_bases`).
+  """
   if jax.process_count() == 1:
     return local
-  u, s, rank = np.asarray(local.u), np.asarray(local.s), np.asarray(local.rank)
-  width = agree(u.shape[-1])
-  pad = width - u.shape[-1]
-  u = np.pad(u, [(0, 0), (0, 0), (0, pad)])
-  s = np.pad(s, [(0, 0), (0, pad)])
-  w = None
-  if local.w is not None:
-    w = np.asarray(local.w)
-    features = agree(w.shape[-1])  # an empty share has none; the others agree
-    w = allgather(np.pad(w, [(0, 0), (0, pad), (0, features - w.shape[-1])]))
-  return Bases(u=allgather(u), s=allgather(s), w=w, rank=allgather(rank))
+  features = agree(local.w.shape[-1]) if local.w is not None else None  # an empty share: 0
+  local = pad_bases(local, agree(local.u.shape[-1]), features)
+  w = None if local.w is None else allgather(np.asarray(local.w))
+  return Bases(u=allgather(np.asarray(local.u)), s=allgather(np.asarray(local.s)), w=w,
+               rank=allgather(np.asarray(local.rank)))
+
+
+class PeerError(ValueError):
+  """Another process failed a stage this one took part in; names it and its error."""
+
+
+def together(stage: Callable[[], T]) -> list[T]:
+  """Runs `stage` on every process; returns every process's (JSON-able) result, in order.
+
+  If it fails on any process, every process raises: the failing one its own error, the others
+  a PeerError naming that process and its error, so none waits forever in a collective.
+  """
+  failure, error, result = None, None, None
+  try:
+    result = stage()
+  except Exception as e:  # pylint: disable=broad-except  (re-raised below)
+    failure, error = e, " ".join(str(e).split()) or type(e).__name__
+  outcomes = allgather_json({"error": error, "result": result})
+  if failure is not None:
+    raise failure
+  for index, outcome in enumerate(outcomes):
+    if outcome["error"] is not None:
+      raise PeerError(f"process {index}: {outcome['error']}")
+  return [o["result"] for o in outcomes]

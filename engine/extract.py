@@ -30,9 +30,10 @@ import torch
 
 from engine.data.batching import length_buckets
 from engine.data.corpus import SAMPLING_RATE, corpus_info
-from engine.models.base import MODALITIES, Adapter
+from engine.keys import MODALITIES, Key
+from engine.models.base import Adapter
 from engine.models.pooling import POOLINGS, pool
-from engine.store import Key, Store, Writer
+from engine.store import Store, Writer
 
 MIN_SPEECH_SECONDS = 0.05  # shorter clips hold no speech (and no model frame)
 SILENCE_PEAK = 1e-4  # peak |amplitude| below this (-80 dBFS) counts as silence

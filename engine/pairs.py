@@ -1,6 +1,6 @@
 """Comparison plans: which pairs of representations a sweep scores, as plain data.
 
-A representation is named by a `RepKey` (language, modality, site, layer). A plan is a list of
+A representation is named by a `Key` (language, modality, site, layer). A plan is a list of
 `(a, b, family)` triples, in a deterministic order with no pair twice (as an unordered pair), so
 a sweep can be chunked, checkpointed and resumed by position. The family says what the pair
 measures, and analyses select rows by it:
@@ -31,7 +31,8 @@ from typing import Iterable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
-from engine.models.base import MODALITIES, SITE_MAP_ROLES
+from engine.keys import Key, as_keys
+from engine.models.base import SITE_MAP_ROLES
 
 PLANS = ("all", "cross_modal", "cross_lingual_text", "cross_lingual_speech", "adaptor",
          "cross_layer")
@@ -40,19 +41,7 @@ FAMILIES = ("cross_modal", "cross_lingual_text", "cross_lingual_speech", "cross_
 ALIGN_RULES = ("relative", "index")
 
 
-class RepKey(NamedTuple):
-  """Names one representation. Equal to (and hashes like) any 4-tuple with the same fields."""
-  language: str
-  modality: str
-  site: str
-  layer: int
-
-  @property
-  def name(self) -> str:
-    return f"{self.language}.{self.modality}.{self.site}.{self.layer}"
-
-
-Pair = tuple[RepKey, RepKey, str]
+Pair = tuple[Key, Key, str]
 
 
 class Chunk(NamedTuple):
@@ -64,7 +53,7 @@ class Chunk(NamedTuple):
   plan_index: [P] int64 positions of these pairs in the plan (to write results back).
   """
   group: tuple
-  keys: list[RepKey]
+  keys: list[Key]
   pairs: np.ndarray
   plan_index: np.ndarray
 
@@ -72,30 +61,9 @@ class Chunk(NamedTuple):
 # ----------------------------------------------------------------------------- keys and sites
 
 
-def as_keys(keys: Iterable) -> list[RepKey]:
-  """RepKeys from 4-tuples (or store keys); checks modalities and that no key repeats."""
-  out, seen = [], set()
-  for key in keys:
-    try:
-      language, modality, site, layer = key
-    except (TypeError, ValueError):
-      raise ValueError(f"representation key {key!r} is not (language, modality, site, layer)")
-    if modality not in MODALITIES:
-      raise ValueError(f"representation key {tuple(key)!r}: modality {modality!r} is not one of "
-                       f"{MODALITIES}")
-    rep = RepKey(str(language), str(modality), str(site), int(layer))
-    if rep in seen:
-      raise ValueError(f"representation key {rep.name!r} is given twice")
-    seen.add(rep)
-    out.append(rep)
-  if not out:
-    raise ValueError("no representation keys given")
-  return out
-
-
 def restrict_site_map(site_map: Mapping, keys: Iterable) -> dict:
-  """A site map keeping only the sites some representation has (roles left empty are dropped),
-  so a sweep over a subset of sites can still use a model's declared map."""
+  """The site map without the sites no representation has (roles left empty are dropped), so a
+  sweep over a subset of sites can still use a model's declared map."""
   keys = as_keys(keys)
   out = {}
   for role in site_map:
@@ -106,15 +74,7 @@ def restrict_site_map(site_map: Mapping, keys: Iterable) -> dict:
   return out
 
 
-def default_site_map(model: str, keys: Iterable | None = None) -> dict:
-  """Deprecated: the model family's declared map (`engine.models.site_map_of`), restricted
-  to `keys` when given. Take the map from the adapter (`adapter.site_map`) instead."""
-  from engine.models import site_map_of  # pylint: disable=import-outside-toplevel
-  site_map = site_map_of(model)
-  return site_map if keys is None else restrict_site_map(site_map, keys)
-
-
-def _sites_of(keys: Sequence[RepKey], modality: str) -> list[str]:
+def _sites_of(keys: Sequence[Key], modality: str) -> list[str]:
   return list(dict.fromkeys(k.site for k in keys if k.modality == modality))
 
 
@@ -125,7 +85,7 @@ def _role_sites(site_map: Mapping | None, role: str) -> list[str] | None:
   return [value] if isinstance(value, str) else list(value)
 
 
-def _check_site_map(site_map: Mapping | None, keys: Sequence[RepKey]) -> None:
+def _check_site_map(site_map: Mapping | None, keys: Sequence[Key]) -> None:
   if site_map is None:
     return
   unknown = sorted(set(site_map) - set(SITE_MAP_ROLES))
@@ -141,7 +101,7 @@ def _check_site_map(site_map: Mapping | None, keys: Sequence[RepKey]) -> None:
                          f"representation has it (sites present: {present})")
 
 
-def _layers(keys: Sequence[RepKey], modality: str, site: str) -> list[int]:
+def _layers(keys: Sequence[Key], modality: str, site: str) -> list[int]:
   return sorted({k.layer for k in keys if k.modality == modality and k.site == site})
 
 
@@ -180,7 +140,7 @@ def align_layers(layers_a: Sequence[int], layers_b: Sequence[int], *, align: str
 # ----------------------------------------------------------------------------- families
 
 
-def classify(a: RepKey, b: RepKey) -> str:
+def classify(a: Key, b: Key) -> str:
   """The family of a pair by its keys alone ('adaptor' is only ever assigned by the plan)."""
   if a.language == b.language:
     if a.modality != b.modality:
@@ -191,14 +151,14 @@ def classify(a: RepKey, b: RepKey) -> str:
   return f"cross_lingual_{a.modality}"
 
 
-def _oriented(a: RepKey, b: RepKey, order: Mapping[RepKey, int]) -> tuple[RepKey, RepKey]:
+def _oriented(a: Key, b: Key, order: Mapping[Key, int]) -> tuple[Key, Key]:
   """Text before speech; otherwise the order the keys were given in."""
   if a.modality != b.modality:
     return (a, b) if a.modality == "text" else (b, a)
   return (a, b) if order[a] <= order[b] else (b, a)
 
 
-def _within(group: Sequence[RepKey], order, pivot: str | None) -> list[Pair]:
+def _within(group: Sequence[Key], order, pivot: str | None) -> list[Pair]:
   out = []
   for i, a in enumerate(group):
     for b in group[i + 1:]:
@@ -214,7 +174,7 @@ def _within(group: Sequence[RepKey], order, pivot: str | None) -> list[Pair]:
 
 def _mapped_slots(keys, site_map, align, layer_counts):
   """(text site, speech site, text layer) -> keys at both ends of each aligned layer pair."""
-  slots: dict[tuple, list[RepKey]] = {}
+  slots: dict[tuple, list[Key]] = {}
   by_place = collections.defaultdict(list)
   for k in keys:
     by_place[(k.modality, k.site, k.layer)].append(k)
@@ -229,10 +189,10 @@ def _mapped_slots(keys, site_map, align, layer_counts):
 
 def _plan_all(keys, order, *, pivot, site_map, align, layer_counts) -> list[Pair]:
   """Every pair within a layer: the mapped text/speech layer slots, then each (site, layer)."""
-  groups: list[list[RepKey]] = []
+  groups: list[list[Key]] = []
   if _role_sites(site_map, "text") and _role_sites(site_map, "speech"):
     groups += list(_mapped_slots(keys, site_map, align, layer_counts).values())
-  places: dict[tuple, list[RepKey]] = {}
+  places: dict[tuple, list[Key]] = {}
   for k in keys:
     places.setdefault((k.site, k.layer), []).append(k)
   groups += list(places.values())
@@ -351,7 +311,7 @@ def make_plan(name: str | Sequence[str], keys: Iterable, *, pivot: str | None = 
 # ----------------------------------------------------------------------------- using a plan
 
 
-def plan_keys(plan: Sequence[Pair]) -> list[RepKey]:
+def plan_keys(plan: Sequence[Pair]) -> list[Key]:
   """The representations a plan touches, in first-use order."""
   return list(dict.fromkeys(k for a, b, _ in plan for k in (a, b)))
 
@@ -363,18 +323,18 @@ def family_counts(plan: Sequence[Pair]) -> dict[str, int]:
 
 def index_pairs(plan: Sequence[Pair], keys: Sequence) -> np.ndarray:
   """[P, 2] int32 positions of each pair's representations in `keys` (the kernel's input order)."""
-  position = {RepKey(*k): i for i, k in enumerate(keys)}
+  position = {Key(*k): i for i, k in enumerate(keys)}
   out = np.empty((len(plan), 2), np.int32)
   for p, (a, b, _) in enumerate(plan):
     for side, key in enumerate((a, b)):
       if key not in position:
-        raise ValueError(f"representation {RepKey(*key).name!r} of pair {p} is not among the "
+        raise ValueError(f"representation {Key(*key).name!r} of pair {p} is not among the "
                          f"{len(position)} representations given")
       out[p, side] = position[key]
   return out
 
 
-def _place(k: RepKey) -> tuple[str, int]:
+def _place(k: Key) -> tuple[str, int]:
   return (k.site, k.layer)
 
 

@@ -84,6 +84,41 @@ def pair_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
 
 
 @functools.lru_cache(maxsize=64)
+def mesh_for(devices: int | str) -> tuple[Mesh, str]:
+  """The pair mesh a device request asks for, and its description: 'auto' (every accelerator;
+  one CPU device per process), 'all', or a count. With several processes it spans them all and
+  a count is taken evenly from each (every process takes part in each pair program)."""
+  available = jax.devices()  # every process's devices
+  processes = jax.process_count()
+  backend = jax.default_backend()
+  if devices == "auto":
+    if backend != "cpu":
+      chosen = available
+    else:
+      chosen = [next(d for d in available if d.process_index == p) for p in range(processes)]
+  elif devices == "all":
+    chosen = available
+  elif processes > 1:
+    if devices % processes:
+      raise ValueError(f"--devices={devices}: with {processes} processes the count must be a "
+                       f"multiple of {processes} (the same number of devices from each)")
+    per = devices // processes
+    chosen = []
+    for p in range(processes):
+      own = [d for d in available if d.process_index == p]
+      if per > len(own):
+        raise ValueError(f"--devices={devices}: process {p} has only {len(own)} {backend} "
+                         "device(s)")
+      chosen += own[:per]
+  else:
+    if devices > len(available):
+      raise ValueError(f"--devices={devices}: only {len(available)} {backend} device(s) are "
+                       "available")
+    chosen = available[:devices]
+  mesh = pair_mesh(chosen)
+  return mesh, device_summary(mesh)
+
+
 def sharded(block: Callable, mesh: Mesh) -> Callable:
   """jit(shard_map(block)): replicated leading args, the last arg split along the pair axis.
 

@@ -34,13 +34,14 @@ import fcntl
 import hashlib
 import json
 import os
-import re
 import zlib
 from pathlib import Path
-from typing import Any, Iterable, Mapping, NamedTuple
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 from numpy.lib.format import open_memmap
+
+from engine.keys import Key, as_key
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -49,39 +50,6 @@ DTYPE = np.dtype(np.float32)
 TAG = np.dtype(np.uint64)  # per-row tags in .done.npy
 # Manifests written before they carried a checksum are read without one.
 _MANIFEST_FIELDS = {"format", "metadata", "representations", "skipped", "checksum"}
-_PART = re.compile(r"^[A-Za-z0-9_\-]+$")
-
-
-class Key(NamedTuple):
-  """Names one representation: a language, a modality ('text'|'speech'), a site and a layer."""
-  language: str
-  modality: str
-  site: str
-  layer: int
-
-  @property
-  def name(self) -> str:
-    return f"{self.language}.{self.modality}.{self.site}.{self.layer}"
-
-  @classmethod
-  def parse(cls, name: str) -> "Key":
-    """'eng.text.text_encoder.3' -> Key('eng', 'text', 'text_encoder', 3)."""
-    parts = name.split(".")
-    if len(parts) != 4 or not parts[3].lstrip("-").isdigit():
-      raise ValueError(f"representation name {name!r} is not 'language.modality.site.layer'")
-    return cls(parts[0], parts[1], parts[2], int(parts[3]))
-
-
-def as_key(key: Key | tuple | str) -> Key:
-  """Accepts a Key, a 4-tuple or a 'language.modality.site.layer' name."""
-  if isinstance(key, str):
-    key = Key.parse(key)
-  key = Key(*key)
-  for part in key[:3]:
-    if not isinstance(part, str) or not _PART.match(part):
-      raise ValueError(f"representation key {tuple(key)!r}: {part!r} must be letters, digits, "
-                       "'_' or '-'")
-  return Key(key.language, key.modality, key.site, int(key.layer))
 
 
 class StoreError(ValueError):

@@ -18,6 +18,7 @@ import pytest
 
 from engine import analysis as A
 from engine import pairs as P
+from engine.keys import Key
 
 N, D, LAYERS = 240, 24, 5
 LANGS = ("eng", "deu", "swh", "amh")
@@ -94,7 +95,7 @@ def test_results_table_columns():
   assert (table.n == N).all() and (table.rank_a == D).all()
   assert table.layer_a.dtype == np.int64 and table.score.dtype == np.float64
   with pytest.raises(ValueError, match=r"score has shape \(2,\), the plan has 3 pairs"):
-    A.results_table([(P.RepKey("eng", "text", "t", i), P.RepKey("deu", "text", "t", i),
+    A.results_table([(Key("eng", "text", "t", i), Key("deu", "text", "t", i),
                       "cross_lingual_text") for i in range(3)], [0.1, 0.2], model="m",
                     metric="svcca")
 

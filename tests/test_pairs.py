@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from engine import pairs as P
+from engine.keys import Key
 
 LANGS = ("eng", "deu", "swh")
 
@@ -27,7 +28,7 @@ def unordered(plan):
 
 
 def test_repkey_is_a_plain_tuple():
-  key = P.RepKey("eng", "text", "text_encoder", 3)
+  key = Key("eng", "text", "text_encoder", 3)
   assert key == ("eng", "text", "text_encoder", 3)
   assert hash(key) == hash(("eng", "text", "text_encoder", 3))
   assert key.name == "eng.text.text_encoder.3"
@@ -41,7 +42,7 @@ def test_plans_are_deterministic_without_duplicates(name):
   assert plan, name
   assert len(set(unordered(plan))) == len(plan)
   for a, b, family in plan:
-    assert isinstance(a, P.RepKey) and isinstance(b, P.RepKey) and a != b
+    assert isinstance(a, Key) and isinstance(b, Key) and a != b
     assert family in P.FAMILIES
 
 
@@ -177,14 +178,14 @@ def test_site_maps_are_restricted_to_the_keys():
       role: sites for role, sites in SITE_MAP.items() if role != "text"}
 
 
-def test_default_site_map_is_the_family_map():
+def test_the_family_map_is_read_without_weights_and_restricted_to_the_keys():
   from engine.models import site_map_of
-  assert P.default_site_map("facebook/seamless-m4t-v2-large") == site_map_of("seamless-tiny")
+  assert site_map_of("facebook/seamless-m4t-v2-large") == site_map_of("seamless-tiny")
   no_adaptor = [k for k in seamless_keys() if "adaptor" not in k[2]]
-  assert P.default_site_map("seamless-tiny", no_adaptor) == {
+  assert P.restrict_site_map(site_map_of("seamless-tiny"), no_adaptor) == {
       "text": "text_encoder", "speech": ("speech_encoder",)}
-  with pytest.raises(ValueError, match="'whisper-large'"):
-    P.default_site_map("whisper-large")
+  with pytest.raises(ValueError, match="'no-such-model'"):
+    site_map_of("no-such-model")
 
 
 @pytest.mark.parametrize("kwargs,match", [

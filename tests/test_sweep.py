@@ -12,8 +12,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from engine import analysis, pairs, svcca
+from engine import analysis, rundir, scoring, settings, svcca
 from engine import sweep as S
+from engine.keys import Key
 from engine.store import open_store
 from tests import reference
 from tests.test_plots import check_png
@@ -80,13 +81,13 @@ def test_default_plan_end_to_end(full):
 def test_scores_equal_the_kernel_on_stored_activations(full):
   out, _ = full
   table = pd.read_parquet(out / "results.parquet")
-  store = open_store(out / S.STORE_DIR)
+  store = open_store(out / rundir.STORE_DIR)
   keys = list(dict.fromkeys(
-      pairs.RepKey(*row) for side in "ab" for row in
+      Key(*row) for side in "ab" for row in
       table[[f"language_{side}", f"modality_{side}", f"site_{side}", f"layer_{side}"]]
       .itertuples(index=False)))
   position = {k: i for i, k in enumerate(keys)}
-  index = np.array([[position[pairs.RepKey(*r[:4])], position[pairs.RepKey(*r[4:])]]
+  index = np.array([[position[Key(*r[:4])], position[Key(*r[4:])]]
                     for r in table[["language_a", "modality_a", "site_a", "layer_a",
                                     "language_b", "modality_b", "site_b", "layer_b"]]
                     .itertuples(index=False)])
@@ -106,12 +107,12 @@ def test_killed_sweep_resumes_to_an_identical_table(full, cache, tmp_path):
   stage), then restarted with the same flags: the same table, to the bit."""
   out = tmp_path / "killed"
   out.mkdir()
-  shutil.copytree(full[0] / S.STORE_DIR, out / S.STORE_DIR)
-  shutil.copy(full[0] / S.STATE_JSON, out / S.STATE_JSON)
+  shutil.copytree(full[0] / rundir.STORE_DIR, out / rundir.STORE_DIR)
+  shutil.copy(full[0] / rundir.STATE_JSON, out / rundir.STATE_JSON)
   killed = sweep_cli(cache, *FLAGS, f"--output_dir={out}", "--noreport",
-                     env={S.KILL_AFTER_ENV: "2"})
+                     env={scoring.KILL_AFTER_ENV: "2"})
   assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-  assert not (out / "results.parquet").exists() and (out / S.CHECKPOINT_DIR).is_dir()
+  assert not (out / "results.parquet").exists() and (out / rundir.CHECKPOINT_DIR).is_dir()
   again = sweep_cli(cache, *FLAGS, f"--output_dir={out}", "--noreport")
   assert again.returncode == 0, again.stderr[-3000:]
   assert "pairs already scored" in again.stdout and "(5 of 7 chunks in this run)" in again.stdout
@@ -129,11 +130,11 @@ def test_other_settings_on_an_existing_sweep_are_refused(full, cache):
                         "(--metric=svcca there, --metric=cka now)")
   assert "new --output_dir, or --overwrite" in err
   # The library says the same, naming every differing setting.
-  config = S.normalize(S.SweepConfig(languages=("en", "de", "sw"), max_sentences=SENTENCES,
-                                     output_dir=str(out), threshold=0.8, pivot="eng"))
-  with pytest.raises(S.SweepError, match=r"--threshold=0.9 there, --threshold=0.8 now; "
-                                         r"--pivot=\(unset\) there, --pivot=eng now"):
-    S.prepare(config)
+  config = settings.check(settings.of(languages=("en", "de", "sw"), max_sentences=SENTENCES,
+                                      output_dir=str(out), threshold=0.8, pivot="eng"))
+  with pytest.raises(settings.SweepError, match=r"--threshold=0.9 there, --threshold=0.8 now; "
+                                                r"--pivot=\(unset\) there, --pivot=eng now"):
+    rundir.prepare(out, settings.identity(config))
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -145,10 +146,15 @@ def test_other_settings_on_an_existing_sweep_are_refused(full, cache):
     (dict(pivot="fra"), "--pivot=fra is not among the sweep's languages"),
     (dict(model="mystery"), "cannot tell which model family 'mystery' is"),
     (dict(chunk_pairs=0), "--chunk_pairs=0 must be at least 1"),
+    (dict(max_sentences=1), "--max_sentences=1 must be at least 2"),
+    (dict(layers=("1", "x")), "--layers=1,x: layers must be integers"),
+    (dict(pooling="median"), "--pooling=median is not one of mean, max, first, last"),
+    (dict(kernel_dtype="float16"), "--kernel_dtype=float16 is not one of float32, float64"),
 ])
 def test_bad_settings_are_named(changes, message):
   with pytest.raises(ValueError) as e:
-    S.check_model(S.normalize(S.SweepConfig(**{"languages": LANGS, **changes})))
+    checked = settings.check(settings.of(**{"languages": LANGS, **changes}))
+    settings.check_model(checked.model)
   assert message in str(e.value) and "\n" not in str(e.value)
 
 
@@ -158,14 +164,14 @@ def test_bad_settings_are_named(changes, message):
 ])
 def test_other_models_sweep_end_to_end(model, families, cache, tmp_path, monkeypatch):
   monkeypatch.setenv("XMODAL_CACHE", str(cache))
-  config = S.SweepConfig(model=model, languages=("eng", "deu"), max_sentences=12, layers=(-1,),
-                         threshold=THRESHOLD, output_dir=str(tmp_path), progress=False)
+  config = settings.of(model=model, languages=("eng", "deu"), max_sentences=12, layers=(-1,),
+                       threshold=THRESHOLD, output_dir=str(tmp_path), progress=False)
   result = S.run_sweep(config, log=lambda line: None)
   table = analysis.load_table(tmp_path)
   assert set(table.family) == families and len(table) == len(result.plan)
   assert {"text", "speech"} <= set(table.modality_a) | set(table.modality_b)
   assert np.isfinite(table.score).all() and table.score.between(0, 1 + 1e-6).all()
-  store = open_store(tmp_path / S.STORE_DIR)
+  store = open_store(tmp_path / rundir.STORE_DIR)
   row = table[table.family == "cross_modal"].iloc[-1]
   a = store.load((row.language_a, row.modality_a, row.site_a, row.layer_a))
   b = store.load((row.language_b, row.modality_b, row.site_b, row.layer_b))
@@ -180,7 +186,49 @@ def test_other_models_sweep_end_to_end(model, families, cache, tmp_path, monkeyp
 
 def test_more_devices_than_there_are_fails_before_any_work(tmp_path):
   out = tmp_path / "sweep"
-  with pytest.raises(S.SweepError, match=r"--devices=99: only \d+ \w+ device\(s\) are available"):
-    S.run_sweep(S.SweepConfig(languages=LANGS, devices="99", output_dir=str(out)),
+  with pytest.raises(settings.SweepError, match=r"--devices=99: only \d+ \w+ device\(s\) are available"):
+    S.run_sweep(settings.of(languages=LANGS, devices="99", output_dir=str(out)),
                 log=lambda line: None)
   assert not out.exists()
+
+
+def test_identity_is_the_corpus_model_and_scoring_groups():
+  """Every setting of those groups is in the identity, by flag name; none of the Run group."""
+  ident = settings.identity(settings.check(settings.of(languages=LANGS)))
+  groups = (settings.Corpus, settings.Model, settings.Scoring)
+  assert list(ident) == [name for g in groups for name, _, _ in settings.flag_fields(g)]
+  run = {name for name, _, _ in settings.flag_fields(settings.Run)}
+  assert not run & set(ident) and {"output_dir", "devices", "chunk_pairs"} <= run
+  assert ident["languages"] == list(LANGS) and ident["kernel_dtype"] == "float32"
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--max_sentences=1", "--max_sentences=1 must be at least 2"),
+    ("--layers=a", "--layers=a: layers must be integers"),
+])
+def test_bad_flags_are_refused_before_any_work(cache, tmp_path, flag, message):
+  out = tmp_path / "sweep"
+  done = sweep_cli(cache, "--languages=eng", f"--output_dir={out}", flag, timeout=120)
+  assert done.returncode == 1 and done.stderr.strip() == f"sweep: error: {message}"
+  assert not out.exists()
+
+
+def test_refused_output_dir_is_reported_without_loading_torch(full, tmp_path):
+  """Claiming a directory needs no model code: another sweep's settings are refused first."""
+  out, _ = full
+  code = ("import sys; from engine import settings, sweep\n"
+          "try:\n"
+          f"  sweep.run_sweep(settings.of(languages={LANGS!r}, output_dir={str(out)!r}))\n"
+          "except settings.SweepError as e:\n"
+          "  print('torch' in sys.modules, e)\n")
+  done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                        env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+  assert done.stdout.startswith("False ") and "other settings" in done.stdout, done.stderr
+
+
+def test_dtype_flag_is_an_alias_of_kernel_dtype(full, cache):
+  """--dtype (the flag's old name) sets --kernel_dtype: here it differs from the stored sweep."""
+  out, _ = full
+  done = sweep_cli(cache, *FLAGS, f"--output_dir={out}", "--dtype=float64", timeout=120)
+  assert done.returncode == 1
+  assert "(--kernel_dtype=float32 there, --kernel_dtype=float64 now)" in done.stderr

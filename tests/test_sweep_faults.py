@@ -6,7 +6,6 @@ and the way out, never a wrong number.
 
 Each run is a child forked from one process that has imported the engine (torch, JAX, orbax,
 transformers) without starting anything, so a run costs its work, not the imports."""
-import dataclasses
 import os
 import select
 import shutil
@@ -17,9 +16,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+import orbax.checkpoint as ocp
 import pandas as pd
 import pytest
 
+from engine import rundir, scoring, settings
 from engine import sweep as S
 from engine.store import open_store
 
@@ -44,7 +45,7 @@ for line in sys.stdin:
     try:
       from absl import logging
       logging.set_verbosity(logging.ERROR)
-      S.run_sweep(S.SweepConfig(output_dir=out, **config), log=lambda line: None)
+      S.run_sweep(settings.of(output_dir=out, **config), log=lambda line: None)
       code = 0
     except BaseException as e:
       traceback.print_exc()
@@ -125,26 +126,26 @@ def reference(forker, tmp_path_factory):
 
 def _restored(out: Path, size: int) -> dict | None:
   """The latest checkpoint as the sweep restores it (None when there is none)."""
-  ocp, manager = S._checkpointer(out)  # pylint: disable=protected-access
+  manager = scoring.checkpointer(out)
   with manager:
     if manager.latest_step() is None:
       return None
     restored = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(
-        S._fresh(size)))  # pylint: disable=protected-access
+        scoring.fresh(size)))
   return {k: np.asarray(v) for k, v in restored.items()}
 
 
 def _check_finished_parts(out: Path, ref: Path, table: pd.DataFrame) -> dict:
   """Asserts that what `out` holds as finished equals the reference; returns what that is."""
   seen = {"representations": 0, "pairs": 0, "table": False}
-  if (out / S.STORE_DIR / "manifest.json").exists():
-    st = open_store(out / S.STORE_DIR)
+  if (out / rundir.STORE_DIR / "manifest.json").exists():
+    st = open_store(out / rundir.STORE_DIR)
     for key in st.keys():
       st.load(key)  # its checksum holds
       name = f"{key.name}.npy"
-      assert (out / S.STORE_DIR / name).read_bytes() == (ref / S.STORE_DIR / name).read_bytes()
+      assert (out / rundir.STORE_DIR / name).read_bytes() == (ref / rundir.STORE_DIR / name).read_bytes()
     seen["representations"] = len(st.keys())
-  if (out / S.CHECKPOINT_DIR).is_dir():
+  if (out / rundir.CHECKPOINT_DIR).is_dir():
     sweep = _restored(out, len(table))
     if sweep is not None:
       done = sweep["done"]
@@ -159,8 +160,8 @@ def _check_finished_parts(out: Path, ref: Path, table: pd.DataFrame) -> dict:
 
 def _progress(out: Path) -> tuple:
   """Changes whenever the sweep records progress: a store manifest or a checkpoint written."""
-  manifest = out / S.STORE_DIR / "manifest.json"
-  steps = out / S.CHECKPOINT_DIR
+  manifest = out / rundir.STORE_DIR / "manifest.json"
+  steps = out / rundir.CHECKPOINT_DIR
   return (manifest.stat().st_mtime_ns if manifest.exists() else None,
           sorted(p.name for p in steps.iterdir()) if steps.is_dir() else None)
 
@@ -236,8 +237,8 @@ def test_damaged_checkpoint_is_an_error_naming_it(tmp_path, monkeypatch):
   """Flipped or truncated checkpoint files (the arrays, orbax's metadata, the OCDBT manifest):
   an error naming the checkpoint and the way out, or the same table; never other numbers."""
   monkeypatch.setenv("XMODAL_CACHE", str(tmp_path / "cache"))
-  config = S.SweepConfig(languages=("eng", "deu"), max_sentences=8, modalities=("text",),
-                         layers=(-1,), output_dir=str(tmp_path / "ref"), progress=False)
+  config = settings.of(languages=("eng", "deu"), max_sentences=8, modalities=("text",),
+                       layers=(-1,), output_dir=str(tmp_path / "ref"), progress=False)
   S.run_sweep(config, log=lambda line: None)
   ref = tmp_path / "ref"
   failures = []
@@ -247,16 +248,16 @@ def test_damaged_checkpoint_is_an_error_naming_it(tmp_path, monkeypatch):
     shutil.copytree(ref, out)
     for name in ("results.csv", "results.parquet"):
       (out / name).unlink()
-    (step,) = [p for p in (out / S.CHECKPOINT_DIR).iterdir() if p.name.isdigit()]
+    (step,) = [p for p in (out / rundir.CHECKPOINT_DIR).iterdir() if p.name.isdigit()]
     files = {"data": sorted((step / "default" / "d").iterdir())[0],
              "metadata": step / "default" / "_METADATA",
              "manifest": step / "default" / "manifest.ocdbt"}
     _damage(files[target], how)
     try:
-      S.run_sweep(dataclasses.replace(config, output_dir=str(out)), log=lambda line: None)
+      S.run_sweep(config.replace(output_dir=str(out)), log=lambda line: None)
     except Exception as e:  # pylint: disable=broad-except
       message = str(e)
-      if not (isinstance(e, ValueError) and str(out / S.CHECKPOINT_DIR) in message
+      if not (isinstance(e, ValueError) and str(out / rundir.CHECKPOINT_DIR) in message
               and "delete" in message and len(message) < 600 and "\n" not in message):
         failures.append(f"{target} {how}: {type(e).__name__}: {message[:200]}")
       assert not (out / "results.csv").exists()

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from engine import analysis
-from engine import sweep as S
+from engine import rundir, scoring
 
 ROOT = Path(__file__).resolve().parents[1]
 # Yoruba has no espeak-ng voice, so it is text only; process 1 (of 2) holds just Yoruba and owns
@@ -66,7 +66,7 @@ def runs(tmp_path_factory):
   cache = tmp_path_factory.mktemp("cache")
   one, two = tmp_path_factory.mktemp("one"), tmp_path_factory.mktemp("two")
   single = _start(cache, [f"--output_dir={one}", "--devices=all"], 2)
-  killed = _finish(_processes(cache, two, 2, {S.KILL_AFTER_ENV: "1"}))
+  killed = _finish(_processes(cache, two, 2, {scoring.KILL_AFTER_ENV: "1"}))
   (rc, out, err), = _finish([single])
   assert rc == 0, err[-3000:]
   for rc, _, err in killed:
@@ -90,9 +90,9 @@ def test_two_processes_give_the_table_of_one(runs):
   assert "yor" in set(table.language_a) | set(table.language_b)
   assert "2 device(s) [cpu] over 1 process(es)" in stdout
   # Each process extracted its block of the languages into its own store.
-  state = (two / S.STATE_JSON).read_text()
+  state = (two / rundir.STATE_JSON).read_text()
   assert '"activations.p0"' in state and '"activations.p1"' in state
-  assert not (two / S.STORE_DIR).exists()
+  assert not (two / rundir.STORE_DIR).exists()
   from engine.store import open_store
   assert {k.language for k in open_store(two / "activations.p0").keys()} == {"eng", "deu"}
   assert {k.language for k in open_store(two / "activations.p1").keys()} == {"yor"}

@@ -169,7 +169,8 @@ def _hub_source(code, config, split, text_column, hf_cache_dir) -> Source:
     raise ConnectionError(
         f"could not load FLEURS language {code!r} ({HUB_REPO}, {data_files} at revision "
         f"{HUB_REVISION}): {type(e).__name__}: {e}. Without network access, provide a local "
-        "copy: load_fleurs(..., local_dir=DIR), where DIR holds the parquet export "
+        "copy: --fleurs_dir=DIR (cli.sweep, cli.extract) or load_fleurs(..., local_dir=DIR), "
+        "where DIR holds the parquet export "
         f"({config}/{parquet_split}/*.parquet, e.g. from `hf download {HUB_REPO} --repo-type "
         f"dataset --revision {HUB_REVISION} --include '{config}/{parquet_split}/*' "
         f"--local-dir DIR`) or the original layout (data/{config}/{raw_split}.tsv and "

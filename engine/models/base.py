@@ -13,11 +13,12 @@ import dataclasses
 import re
 from typing import TYPE_CHECKING, Mapping, Sequence
 
+from engine.keys import MODALITIES
+
 if TYPE_CHECKING:
   import numpy as np
   import torch
 
-MODALITIES = ("text", "speech")
 SITE_MAP_ROLES = ("text", "speech", "pre_adaptor", "post_adaptor")
 
 

@@ -44,7 +44,6 @@ from torch import nn
 from engine.models import bpe, common
 from engine.models.base import Capture, Family, Site
 from engine.models.common import TorchAdapter, hooks, setter
-from engine.models.common import resolve_device  # noqa: F401  engine.sweep's import, until the sweep split
 
 TEXT_SITE = "text_encoder"
 SPEECH_SITE = "speech_encoder"

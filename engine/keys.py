@@ -1,0 +1,63 @@
+"""The name of one representation: (language, modality, site, layer), shared by the store, the
+plans and the sweep. Plain Python, so anything may import it (no NumPy, JAX or torch)."""
+from __future__ import annotations
+
+import re
+from typing import Iterable, NamedTuple
+
+MODALITIES = ("text", "speech")
+_PART = re.compile(r"^[A-Za-z0-9_\-]+$")
+
+
+class Key(NamedTuple):
+  """Names one representation. Equal to (and hashes like) any 4-tuple with the same fields."""
+  language: str
+  modality: str
+  site: str
+  layer: int
+
+  @property
+  def name(self) -> str:
+    return f"{self.language}.{self.modality}.{self.site}.{self.layer}"
+
+  @classmethod
+  def parse(cls, name: str) -> "Key":
+    """'eng.text.text_encoder.3' -> Key('eng', 'text', 'text_encoder', 3)."""
+    parts = name.split(".")
+    if len(parts) != 4 or not parts[3].lstrip("-").isdigit():
+      raise ValueError(f"representation name {name!r} is not 'language.modality.site.layer'")
+    return cls(parts[0], parts[1], parts[2], int(parts[3]))
+
+
+def as_key(key: Key | tuple | str) -> Key:
+  """A Key from a Key, a 4-tuple or a 'language.modality.site.layer' name, checked once here:
+  four parts, a known modality, file-name-safe parts, an integer layer."""
+  if isinstance(key, str):
+    key = Key.parse(key)
+  try:
+    language, modality, site, layer = key
+  except (TypeError, ValueError):
+    raise ValueError(f"representation key {key!r} is not (language, modality, site, layer)"
+                     ) from None
+  for part in (language, modality, site):
+    if not isinstance(part, str) or not _PART.match(part):
+      raise ValueError(f"representation key {tuple(key)!r}: {part!r} must be letters, digits, "
+                       "'_' or '-'")
+  if modality not in MODALITIES:
+    raise ValueError(f"representation key {tuple(key)!r}: modality {modality!r} is not one of "
+                     f"{MODALITIES}")
+  return Key(language, modality, site, int(layer))
+
+
+def as_keys(keys: Iterable) -> list[Key]:
+  """Keys (as_key) from an iterable; none may repeat, and there must be some."""
+  out, seen = [], set()
+  for key in keys:
+    key = as_key(key)
+    if key in seen:
+      raise ValueError(f"representation key {key.name!r} is given twice")
+    seen.add(key)
+    out.append(key)
+  if not out:
+    raise ValueError("no representation keys given")
+  return out

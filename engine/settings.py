@@ -1,0 +1,286 @@
+"""What a sweep is asked to do, as typed data: four groups of settings, each field one flag.
+
+  Corpus   which sentences, in which languages and modalities
+  Model    which model, which of its sites and layers, pooled how, in which dtype
+  Scoring  which measure, which pairs, in which kernel precision
+  Run      how the work is done: where, on which devices, in which batches
+
+The first three decide the numbers, so together they are the sweep's identity (recorded in
+sweep.json: a directory holding another identity is refused); Run may change between a run
+and its resumption. Each field carries its flag's name, help and choices, from which the
+command-line flags are generated (cli.corpus_flags, cli.sweep), so a setting is defined once.
+`check` validates and spells everything canonically once, at the edge, before any work; it
+needs no model code (torch), so a refused output directory is reported at once. `check_model`
+checks the rest (the model family, the pooling) when a new sweep starts; the only local
+imports here are those two, which load torch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any, Mapping
+
+from engine import data, pairs, svcca
+from engine.keys import MODALITIES
+
+PAPER_PLAN = "paper"
+MODEL_DTYPES = ("float32", "bfloat16", "float16")
+KERNEL_DTYPES = ("float32", "float64")
+# The fewest sentences SVCCA can compare: centring one sentence leaves nothing.
+MIN_SENTENCES = 2
+
+
+class SweepError(ValueError):
+  """A sweep that cannot run as asked; the message is one line naming the bad value."""
+
+
+def setting(default, help: str, *, flag: str | None = None, choices=None,
+            aliases: tuple[str, ...] = ()):  # pylint: disable=redefined-builtin
+  """A settings field: its default, and the flag that sets it (named like the field unless
+  `flag` says otherwise)."""
+  return dataclasses.field(default=default, metadata={
+      "help": help, "flag": flag, "choices": choices, "aliases": aliases})
+
+
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+  source: str = setting("bundled", "Corpus: the bundled offline corpus (espeak-ng speech) or "
+                        "FLEURS.", choices=data.SOURCES)
+  split: str = setting("test", "FLEURS split.")
+  languages: tuple[str, ...] | None = setting(
+      None, "Language codes (any accepted alias); default: the 30 default languages, all of "
+      "them bundled.")
+  modalities: tuple[str, ...] = setting(("text", "speech"), "text, speech or both.")
+  max_sentences: int | None = setting(None, "Keep only the first N sentence ids (quick runs; "
+                                      f"at least {MIN_SENTENCES}).")
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+  name: str = setting("seamless-tiny", "seamless-tiny | seamless-v1-tiny | seamless-mid | "
+                      "sonar-tiny | salmonn-tiny (random, offline), a hub id such as "
+                      "facebook/seamless-m4t-v2-large, or a local directory.", flag="model")
+  sites: tuple[str, ...] | None = setting(None, "Sites to extract (default: every site of the "
+                                          "model).")
+  layers: tuple[int, ...] | None = setting(None, "Layer indices for every site, negative from "
+                                           "the end (default: all).")
+  pooling: str = setting("mean", "Pooling over valid positions: mean, max, first or last.")
+  dtype: str = setting("float32", "Dtype the model runs in.", flag="model_dtype",
+                       choices=MODEL_DTYPES)
+
+
+@dataclasses.dataclass(frozen=True)
+class Scoring:
+  metric: str = setting("svcca", "Similarity measure.", choices=svcca.METRICS)
+  threshold: float = setting(0.99, "Variance kept by the SVD step (svcca, pwcca).")
+  plan: str = setting(PAPER_PLAN, "Comparison plan: 'paper' (cross-modal, cross-lingual text "
+                      "and speech, and the adaptor where the model has one), or "
+                      f"{', '.join(pairs.PLANS)}, joined with '+'.")
+  pivot: str | None = setting(None, "Cross-lingual pairs only against this language (e.g. "
+                              "eng).")
+  dtype: str = setting("float32", "Dtype of the SVD and pair kernel.", flag="kernel_dtype",
+                       choices=KERNEL_DTYPES, aliases=("dtype",))
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  output_dir: str = setting("runs/default", "Sweep directory (created, or resumed).")
+  fleurs_dir: str | None = setting(None, "Local FLEURS copy (see engine.data.fleurs); without "
+                                   "it FLEURS comes from the Hub.")
+  cache_dir: str | None = setting(None, "Corpus / speech cache (default $XMODAL_CACHE or "
+                                  "~/.cache/xmodal-svcca).")
+  device: str = setting("auto", "Torch device of the model: cpu, cuda, cuda:1, ... or auto "
+                        "(cuda when available).")
+  batch_size: int = setting(16, "Most sentences per extraction batch.")
+  max_speech_seconds: float | None = setting(None, "Cap on a speech batch's padded duration.")
+  devices: str = setting("auto", "Devices of the pair mesh: a count, 'all', or 'auto' (every "
+                         "accelerator; one CPU device per process). With several processes "
+                         "the mesh spans them all, and a count is taken evenly from each.")
+  chunk_pairs: int | None = setting(None, "Most pairs per checkpointed chunk (default: one "
+                                    "chunk per pair of (site, layer) places).")
+  progress: bool = setting(True, "Show progress bars.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  corpus: Corpus = dataclasses.field(default_factory=Corpus)
+  model: Model = dataclasses.field(default_factory=Model)
+  scoring: Scoring = dataclasses.field(default_factory=Scoring)
+  run: Run = dataclasses.field(default_factory=Run)
+
+  def replace(self, **values) -> "Settings":
+    """These settings with some changed, by flag name: `s.replace(output_dir='/tmp/x')`."""
+    groups = {g.name: getattr(self, g.name) for g in dataclasses.fields(self)}
+    for name, value in values.items():
+      group, field = _field_of(name)
+      groups[group] = dataclasses.replace(groups[group], **{field: value})
+    return Settings(**groups)
+
+
+IDENTITY_GROUPS = ("corpus", "model", "scoring")
+
+
+def flag_name(field: dataclasses.Field) -> str:
+  return field.metadata.get("flag") or field.name
+
+
+def flag_fields(group: type) -> list[tuple[str, dataclasses.Field, Any]]:
+  """(flag name, field, its type) of a settings group, in definition order."""
+  hints = typing.get_type_hints(group)
+  return [(flag_name(f), f, hints[f.name]) for f in dataclasses.fields(group)]
+
+
+_GROUPS = typing.get_type_hints(Settings)  # group name -> its dataclass
+_FIELD_OF = {flag: (group, f.name) for group, cls in _GROUPS.items()
+             for flag, f, _ in flag_fields(cls)}
+
+
+def _field_of(flag: str) -> tuple[str, str]:
+  if flag not in _FIELD_OF:
+    raise SweepError(f"no setting named {flag!r}; settings: {', '.join(_FIELD_OF)}")
+  return _FIELD_OF[flag]
+
+
+def of(**values) -> Settings:
+  """Settings from flag-named values (`of(languages=('eng',), metric='cka')`), others default."""
+  return Settings().replace(**values)
+
+
+def flag_values(settings: Settings) -> dict[str, Any]:
+  """Every setting by its flag name."""
+  return {flag: getattr(getattr(settings, group), field)
+          for flag, (group, field) in _FIELD_OF.items()}
+
+
+def identity(settings: Settings) -> dict:
+  """The settings that decide the numbers (the Corpus, Model and Scoring groups), by flag name,
+  as JSON values."""
+  return {flag: _plain(getattr(getattr(settings, group), field))
+          for flag, (group, field) in _FIELD_OF.items() if group in IDENTITY_GROUPS}
+
+
+def _plain(value):
+  return list(value) if isinstance(value, tuple) else value
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _one_of(name: str, value, choices) -> None:
+  if value not in choices:
+    raise SweepError(f"--{name}={value} is not one of {', '.join(map(str, choices))}")
+
+
+def _at_least(name: str, value, least: int) -> None:
+  if value is not None and value < least:
+    raise SweepError(f"--{name}={value} must be at least {least}")
+
+
+def parse_devices(value: str) -> int | str:
+  """'auto' (every accelerator, one CPU device), 'all', or a positive count."""
+  if value in ("auto", "all"):
+    return value
+  try:
+    count = int(value)
+  except (TypeError, ValueError):
+    raise SweepError(f"--devices={value} is not 'auto', 'all' or a device count") from None
+  _at_least("devices", count, 1)
+  return count
+
+
+def parse_layers(values) -> tuple[int, ...] | None:
+  """Layer indices from the flag's strings (or ints), in order, without repeats."""
+  if not values:
+    return None
+  try:
+    return tuple(int(v) for v in dict.fromkeys(values))
+  except (TypeError, ValueError):
+    raise SweepError(f"--layers={','.join(map(str, values))}: layers must be integers"
+                     ) from None
+
+
+def check(settings: Settings) -> Settings:
+  """The settings checked and spelled canonically (so 'en,de' and 'eng,deu' are one sweep)."""
+  corpus = _check_corpus(settings.corpus)
+  return Settings(corpus=corpus, model=_check_model_fields(settings.model),
+                  scoring=_check_scoring(settings.scoring, corpus.languages),
+                  run=_check_run(settings.run))
+
+
+def _check_corpus(c: Corpus) -> Corpus:
+  _one_of("source", c.source, data.SOURCES)
+  languages = c.languages
+  if languages is None and c.source == "bundled":
+    languages = data.bundled_languages()
+  modalities = tuple(dict.fromkeys(c.modalities))
+  if not modalities:
+    raise SweepError("--modalities is empty; choose text, speech or both")
+  for m in modalities:
+    _one_of("modalities", m, MODALITIES)
+  _at_least("max_sentences", c.max_sentences, MIN_SENTENCES)
+  try:
+    languages = tuple(data.resolve_languages(languages))
+  except ValueError as e:
+    raise SweepError(f"--languages: {e}") from None
+  return dataclasses.replace(c, languages=languages, modalities=modalities)
+
+
+def _check_model_fields(m: Model) -> Model:
+  _one_of("model_dtype", m.dtype, MODEL_DTYPES)
+  return dataclasses.replace(m, sites=tuple(dict.fromkeys(m.sites)) if m.sites else None,
+                             layers=parse_layers(m.layers))
+
+
+def _check_scoring(s: Scoring, languages: tuple[str, ...]) -> Scoring:
+  _one_of("metric", s.metric, svcca.METRICS)
+  _one_of("kernel_dtype", s.dtype, KERNEL_DTYPES)
+  if not 0.0 < s.threshold <= 1.0:
+    raise SweepError(f"--threshold={s.threshold} is not in (0, 1]")
+  if s.plan != PAPER_PLAN:
+    bad = [n for n in s.plan.split("+") if n not in pairs.PLANS]
+    if bad:
+      raise SweepError(f"--plan={s.plan}: unknown plan {bad[0]!r}; choose {PAPER_PLAN} or one of "
+                       f"{', '.join(pairs.PLANS)} (join several with '+')")
+  pivot = None
+  if s.pivot:
+    try:
+      pivot = data.resolve_language(s.pivot)
+    except ValueError as e:
+      raise SweepError(f"--pivot: {e}") from None
+    if pivot not in languages:
+      raise SweepError(f"--pivot={s.pivot} is not among the sweep's languages")
+  return dataclasses.replace(s, pivot=pivot, threshold=float(s.threshold))
+
+
+def _check_run(r: Run) -> Run:
+  _at_least("batch_size", r.batch_size, 1)
+  _at_least("chunk_pairs", r.chunk_pairs, 1)
+  if r.max_speech_seconds is not None and not r.max_speech_seconds > 0:
+    raise SweepError(f"--max_speech_seconds={r.max_speech_seconds} must be positive")
+  parse_devices(r.devices)
+  return r
+
+
+def check_model(model: Model) -> None:
+  """What only the model code knows: that the name is of a family we have an adapter for, and
+  the pooling. Imports torch, hence not part of `check`."""
+  from engine.models import family_of  # pylint: disable=import-outside-toplevel
+  from engine.models.pooling import POOLINGS  # pylint: disable=import-outside-toplevel
+  family_of(model.name)
+  _one_of("pooling", model.pooling, POOLINGS)
+
+
+def describe(settings: Settings, corpus_rows: int | None = None) -> str:
+  """The sweep in one line, heading its plan."""
+  c, s = settings.corpus, settings.scoring
+  return (f"{settings.model.name} on {c.source} ({len(c.languages)} languages"
+          + (f", {corpus_rows} corpus rows" if corpus_rows is not None else "")
+          + f"; {'+'.join(c.modalities)}), {s.metric} at threshold {s.threshold}, plan {s.plan}")
+
+
+def from_flags(values: Mapping[str, Any]) -> Settings:
+  """Settings from parsed flag values (flag name -> value; names that are not settings are
+  ignored), lists as tuples."""
+  chosen = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()
+            if k in _FIELD_OF}
+  return of(**chosen)
