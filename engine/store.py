@@ -25,198 +25,37 @@ batch: arrays live on disk and are touched through memory maps.
 
 Reopening a store checks its metadata (model, pooling, languages, sentence ids, dtype, ...):
 a different one is refused rather than mixed in.
+
+This module is the store as a whole (opening, locking, reading, completing); the manifest's
+records, checksums and errors are engine.store_files, and one array being written (row tags,
+preallocation) is engine.store_writer. Their names are re-exported here.
 """
 from __future__ import annotations
 
-import dataclasses
-import errno
 import fcntl
-import hashlib
 import json
 import os
-import zlib
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Iterable, Mapping
 
 import numpy as np
 from numpy.lib.format import open_memmap
 
 from engine.keys import Key, as_key
+from engine.store_files import (DTYPE, RECOVER_WRITE, Entry, StoreError, canonical,
+                                describe_difference, file_sha256, manifest_checksum, normalized,
+                                reason, write_json_atomic)
+from engine.store_writer import TAG, Writer, allocate, row_tags
+
+__all__ = ["DTYPE", "FORMAT_VERSION", "LOCK", "MANIFEST", "TAG", "Entry", "Key", "Store",
+           "StoreError", "Writer", "as_key", "canonical", "file_sha256", "open_store",
+           "row_tags", "to_jax"]
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 LOCK = ".lock"
-DTYPE = np.dtype(np.float32)
-TAG = np.dtype(np.uint64)  # per-row tags in .done.npy
 # Manifests written before they carried a checksum are read without one.
 _MANIFEST_FIELDS = {"format", "metadata", "representations", "skipped", "checksum"}
-
-
-class StoreError(ValueError):
-  """A store that cannot be used as asked (other metadata, incomplete or corrupt data, locked)."""
-
-
-@dataclasses.dataclass
-class Entry:
-  """The manifest's record of one representation."""
-  key: Key
-  file: str
-  shape: tuple[int, int]
-  complete: bool = False
-  sha256: str | None = None
-
-  def to_json(self) -> dict:
-    return {"language": self.key.language, "modality": self.key.modality, "site": self.key.site,
-            "layer": self.key.layer, "file": self.file, "shape": list(self.shape),
-            "dtype": DTYPE.name, "complete": self.complete, "sha256": self.sha256}
-
-  @classmethod
-  def from_json(cls, d: Mapping) -> "Entry":
-    key = Key(d["language"], d["modality"], d["site"], int(d["layer"]))
-    return cls(key, d["file"], tuple(d["shape"]), bool(d["complete"]), d.get("sha256"))
-
-
-def canonical(obj: Any) -> Any:
-  """JSON round trip, so metadata compares the same before and after being written."""
-  return json.loads(json.dumps(obj, sort_keys=True, default=_jsonable))
-
-
-def _normalized(metadata: Mapping) -> dict:
-  return canonical({**dict(metadata), "dtype": DTYPE.name})
-
-
-def _jsonable(x):
-  if isinstance(x, np.generic):
-    return x.item()
-  if isinstance(x, np.ndarray):
-    return x.tolist()
-  if isinstance(x, (set, frozenset)):
-    return sorted(x)
-  return str(x)
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    while block := f.read(chunk):
-      h.update(block)
-  return h.hexdigest()
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-  """Writes JSON to a temporary file, then os.replace: a reader sees the old or the new file."""
-  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-  try:
-    with open(tmp, "w", encoding="utf-8") as f:
-      json.dump(obj, f, indent=1, sort_keys=True, ensure_ascii=False)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except OSError as e:
-    tmp.unlink(missing_ok=True)
-    raise StoreError(f"cannot write {path}: {_reason(e)}; {path.name} is left as it was. "
-                     f"{_RECOVER_WRITE}") from e
-
-
-_RECOVER_WRITE = ("Free disk space (or choose a writable output directory) and run again: "
-                  "completed representations are kept and extraction resumes where it stopped")
-
-
-def _reason(e: OSError) -> str:
-  if e.errno in (errno.ENOSPC, errno.EDQUOT):
-    return "no space left on the device"
-  return e.strerror or str(e)
-
-
-def _manifest_checksum(manifest: Mapping) -> str:
-  """sha256 of the manifest without its checksum field, in canonical JSON."""
-  body = {k: v for k, v in manifest.items() if k != "checksum"}
-  text = json.dumps(body, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-  return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def row_tags(values: np.ndarray) -> np.ndarray:
-  """[rows] uint64 tags of float32 rows: crc32 of each row's bytes, shifted, low bit set."""
-  values = np.ascontiguousarray(values, dtype=DTYPE)
-  crcs = [zlib.crc32(row.tobytes()) for row in values]
-  return (np.asarray(crcs, dtype=TAG) << np.uint64(1)) | np.uint64(1)
-
-
-def _describe_difference(stored: Any, given: Any, prefix: str = "") -> str:
-  """'pooling: "mean" (store) vs "max" (this run); model.dtype: ...' (nested dicts by path)."""
-  if isinstance(stored, Mapping) and isinstance(given, Mapping):
-    parts = []
-    for field in sorted(set(stored) | set(given)):
-      a, b = stored.get(field, "<absent>"), given.get(field, "<absent>")
-      if a != b:
-        parts.append(_describe_difference(a, b, f"{prefix}{field}."))
-    return "; ".join(parts)
-  return f"{prefix.rstrip('.')}: {_short(stored)} (store) vs {_short(given)} (this run)"
-
-
-def _short(x: Any, limit: int = 80) -> str:
-  text = json.dumps(x, sort_keys=True, ensure_ascii=False)
-  return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-class Writer:
-  """Streams rows of one representation into its preallocated array (see the module doc)."""
-
-  def __init__(self, store: "Store", entry: Entry, data: np.memmap, done: np.memmap):
-    self.store, self.entry, self._data, self._done = store, entry, data, done
-
-  @property
-  def key(self) -> Key:
-    return self.entry.key
-
-  @property
-  def dim(self) -> int:
-    return self.entry.shape[1]
-
-  def pending(self, rows: np.ndarray) -> bool:
-    """Whether any of these rows still has to be written."""
-    return not bool((self._done[np.asarray(rows)] != 0).all())
-
-  def missing(self) -> np.ndarray:
-    """Indices of rows not written yet."""
-    return np.flatnonzero(np.asarray(self._done) == 0)
-
-  @property
-  def full(self) -> bool:
-    return bool((np.asarray(self._done) != 0).all())
-
-  def write(self, rows: np.ndarray, values: np.ndarray) -> None:
-    """Writes values [len(rows), d] at rows: data first and flushed, then the rows' tags."""
-    rows = np.asarray(rows, dtype=np.int64)
-    values = np.ascontiguousarray(values, dtype=DTYPE)
-    if values.shape != (rows.size, self.dim):
-      raise StoreError(f"{self.key.name}: got values of shape {values.shape} for {rows.size} rows "
-                       f"of width {self.dim}")
-    try:
-      self._data[rows] = values
-      self._data.flush()
-      self._done[rows] = row_tags(values)
-      self._done.flush()
-    except OSError as e:
-      raise StoreError(f"cannot write rows of {self.store.path / self.entry.file}: {_reason(e)}. "
-                       f"{_RECOVER_WRITE}") from e
-
-  def check_rows(self) -> np.ndarray:
-    """Un-tags written rows whose bytes no longer match their crc32; returns those rows."""
-    written = np.flatnonzero(np.asarray(self._done) != 0)
-    if not written.size:
-      return written
-    bad = written[row_tags(self._data[written]) != self._done[written]]
-    if bad.size:
-      self._done[bad] = 0
-      self._done.flush()
-    return bad
-
-  def close(self) -> None:
-    for arr in (self._data, self._done):
-      if arr is not None:
-        arr.flush()
-    self._data = self._done = None
 
 
 class Store:
@@ -256,7 +95,7 @@ class Store:
         path.mkdir(parents=True, exist_ok=True)
         lock_file = cls._lock(path)
       except OSError as e:
-        raise StoreError(f"cannot write activation store {path}: {_reason(e)} "
+        raise StoreError(f"cannot write activation store {path}: {reason(e)} "
                          f"({e.filename or path}); choose a writable output directory") from e
       for stale in path.glob(f".{MANIFEST}.*.tmp"):  # left by a run killed while writing
         stale.unlink(missing_ok=True)
@@ -271,7 +110,7 @@ class Store:
       ids = list(metadata["ids"])
       if len(set(ids)) != len(ids):
         raise StoreError(f"sentence ids of store {path} repeat")
-      store = cls(path, _normalized(metadata), {}, {}, True, lock_file)
+      store = cls(path, normalized(metadata), {}, {}, True, lock_file)
       store._write_manifest()
       return store
     except BaseException:
@@ -308,7 +147,7 @@ class Store:
     except json.JSONDecodeError as e:
       raise StoreError(f"{file} is corrupt or truncated ({e}); {damaged}") from None
     except OSError as e:
-      raise StoreError(f"cannot read {file}: {_reason(e)}") from None
+      raise StoreError(f"cannot read {file}: {reason(e)}") from None
     if not isinstance(manifest, dict):
       raise StoreError(f"{file} is corrupt (not a JSON object); {damaged}")
     if manifest.get("format") != FORMAT_VERSION:
@@ -317,7 +156,7 @@ class Store:
     unknown = sorted(set(manifest) - _MANIFEST_FIELDS)
     if unknown:
       raise StoreError(f"{file} is corrupt (unknown fields {unknown}); {damaged}")
-    if "checksum" in manifest and manifest["checksum"] != _manifest_checksum(manifest):
+    if "checksum" in manifest and manifest["checksum"] != manifest_checksum(manifest):
       raise StoreError(f"{file} does not match its own checksum (modified or corrupt); {damaged}")
     entries = {}
     try:
@@ -344,11 +183,11 @@ class Store:
 
   def check_metadata(self, metadata: Mapping) -> None:
     """Raises StoreError naming the differing fields unless `metadata` is this store's."""
-    given = _normalized(metadata)
+    given = normalized(metadata)
     if given != self.metadata:
       raise StoreError(
           f"activation store {self.path} holds activations of another run; "
-          f"{_describe_difference(self.metadata, given)}. Use another output directory, "
+          f"{describe_difference(self.metadata, given)}. Use another output directory, "
           "or delete this one to start over")
 
   def refresh(self) -> "Store":
@@ -491,14 +330,14 @@ class Store:
       except (ValueError, OSError, EOFError):
         pass  # unreadable leftovers of a crash: start the representation over
     try:
-      data = _allocate(data_path, DTYPE, shape)
-      done = _allocate(done_path, TAG, (self.n,))
+      data = allocate(data_path, DTYPE, shape)
+      done = allocate(done_path, TAG, (self.n,))
     except OSError as e:
       for p in (data_path, done_path):
         p.unlink(missing_ok=True)
       size = self.n * int(dim) * DTYPE.itemsize
       raise StoreError(f"cannot allocate {data_path} ({size / 2**20:.1f} MiB) for representation "
-                       f"{key.name}: {_reason(e)}. {_RECOVER_WRITE}") from e
+                       f"{key.name}: {reason(e)}. {RECOVER_WRITE}") from e
     entry = Entry(key, data_path.name, shape)
     self._entries[key] = entry
     self._dirty = True
@@ -550,24 +389,9 @@ class Store:
         "representations": {k.name: e.to_json() for k, e in sorted(self._entries.items())},
         "skipped": self._skipped,
     }
-    manifest["checksum"] = _manifest_checksum(manifest)
-    _write_json_atomic(self.path / MANIFEST, manifest)
+    manifest["checksum"] = manifest_checksum(manifest)
+    write_json_atomic(self.path / MANIFEST, manifest)
     self._dirty = False
-
-
-def _allocate(path: Path, dtype: np.dtype, shape: tuple) -> np.memmap:
-  """A zero-filled .npy of this shape, memory-mapped, with its blocks reserved on disk where
-  the file system allows: a full disk fails here (OSError), not later as SIGBUS in a write."""
-  array = open_memmap(path, mode="w+", dtype=dtype, shape=shape)
-  if hasattr(os, "posix_fallocate"):
-    with open(path, "r+b") as f:
-      try:
-        os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
-      except OSError as e:
-        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-          del array
-          raise
-  return array
 
 
 def to_jax(array: np.ndarray):

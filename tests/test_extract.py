@@ -255,9 +255,9 @@ def test_store_object_and_progress_bar(adapter, corpus, tmp_path, capsys):
 
 def _open_for(adapter, corpus, path):
   """A store opened by the caller, with the metadata extract would write."""
-  from engine import extract as extract_lib
-  index = extract_lib._index(corpus, with_audio=False)
-  blocks, ids = extract_lib._language_blocks(index)
+  from engine import extract as extract_lib, extract_inputs
+  index = extract_inputs.index_corpus(corpus, with_audio=False)
+  blocks, ids = extract_inputs.language_blocks(index)
   return Store.open(path, extract_lib.store_metadata(adapter, index, blocks, ids, "mean"))
 
 
