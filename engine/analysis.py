@@ -229,9 +229,9 @@ def similarity_by_layer(table: pd.DataFrame, *, sites: tuple[str, str] | None = 
   `corrected_std` those of score - null_mean, `above_null` the fraction of pairs with
   p < ALPHA (all NaN without a null). `main` marks the series at the main sites (or `sites`).
   """
+  above = (table.p_value < ALPHA).astype(float).where(table.p_value.notna())
   rows = table[table.family.isin(CENTRAL_FAMILIES)].assign(corrected=corrected(table),
-                                                           above=table.p_value < ALPHA)
-  rows.loc[rows.p_value.isna(), "above"] = np.nan
+                                                           above=above)
   keys = ["model", "metric", "family", "site_a", "site_b", "layer_a", "layer_b"]
   grouped = rows.groupby(keys, sort=False)
   g = grouped.score
@@ -240,7 +240,7 @@ def similarity_by_layer(table: pd.DataFrame, *, sites: tuple[str, str] | None = 
                    g.count().rename("count"), grouped.null_mean.mean(), grouped.null_sd.mean(),
                    grouped.corrected.mean().rename("corrected_mean"),
                    grouped.corrected.std(ddof=0).rename("corrected_std"),
-                   grouped.above.mean().astype(float).rename("above_null")],
+                   grouped.above.mean().rename("above_null")],
                   axis=1).reset_index()
   out = out.rename(columns={"layer_a": "layer"})
   main = _resolve_sites(table, sites)
@@ -648,7 +648,7 @@ def _statement(rec: dict) -> str:
             f"distinguishable from {what}" if flag else f"not distinguishable from {what}")
 
   if rec["basis"] == "chance-corrected":
-    text = (f"{head}: {_num(rec['estimate'])} above chance {ci} {n}: "
+    text = (f"{head}: {_num(rec['estimate'])} chance-corrected {ci} {n}: "
             f"{verdict(rec['beyond_chance'], 'chance')}; raw {_num(rec['raw'])} {raw_ci}: "
             f"{verdict(rec['nonzero'], 'zero')}")
   else:
