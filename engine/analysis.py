@@ -229,9 +229,10 @@ def similarity_by_layer(table: pd.DataFrame, *, sites: tuple[str, str] | None = 
   `corrected_std` those of score - null_mean, `above_null` the fraction of pairs with
   p < ALPHA (all NaN without a null). `main` marks the series at the main sites (or `sites`).
   """
-  above = (table.p_value < ALPHA).astype(float).where(table.p_value.notna())
-  rows = table[table.family.isin(CENTRAL_FAMILIES)].assign(corrected=corrected(table),
-                                                           above=above)
+  p = table.p_value.to_numpy(float)
+  above = np.where(np.isnan(p), np.nan, (p < ALPHA).astype(float))
+  rows = table.assign(corrected=corrected(table).to_numpy(), above=above)
+  rows = rows[rows.family.isin(CENTRAL_FAMILIES)]
   keys = ["model", "metric", "family", "site_a", "site_b", "layer_a", "layer_b"]
   grouped = rows.groupby(keys, sort=False)
   g = grouped.score
@@ -276,7 +277,7 @@ def gaps_by_layer(table: pd.DataFrame, *, sites: tuple[str, str] | None = None) 
              "modality_gap", "language_gap_text", "language_gap_speech", "language_gap",
              "excess", "excess_corrected", "n_languages"]
   main = _resolve_sites(table, sites)
-  table = table.assign(corrected=corrected(table))
+  table = table.assign(corrected=corrected(table).to_numpy())
   rows = []
   for (model, metric), t in table.groupby(["model", "metric"], sort=False):
     text_site, speech_site = main[model]
@@ -427,7 +428,7 @@ def language_matrices(table: pd.DataFrame, *, sites: tuple[str, str] | None = No
   out = []
   for (model, metric), t in table.groupby(["model", "metric"], sort=False):
     use = has_null(t) if chance_corrected is None else chance_corrected
-    t = t.assign(value=corrected(t) if use else t.score)
+    t = t.assign(value=(corrected(t) if use else t.score).to_numpy())
     symmetric = metric != "pwcca"
     text_site, speech_site = main[model]
     for kind, family, site in (("text", "cross_lingual_text", text_site),
@@ -494,7 +495,7 @@ def _group_findings(t: pd.DataFrame, main: tuple, effect: pd.DataFrame) -> list[
   langs = languages_of(t)
   position = {code: i for i, code in enumerate(langs)}
   size = len(langs)
-  t = t.assign(corrected=corrected(t))
+  t = t.assign(corrected=corrected(t).to_numpy())
   out: list[_Finding] = []
 
   cm_rows = t[(t.family == "cross_modal") & (t.site_a == text_site) & (t.site_b == speech_site)]

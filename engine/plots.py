@@ -175,7 +175,7 @@ def plot_adaptor_effect(effect: pd.DataFrame, path: str | Path, *, title: str | 
               linestyles="dashed")
     label = f"{resource} resource (n={len(xs)}): mean {mean:+.3f}"
     if intervals and resource in intervals:
-      est, low, high = intervals[resource]
+      est, low, high = (np.nan if v is None else float(v) for v in intervals[resource])
       if np.isfinite(low) and np.isfinite(high):
         centre = (min(xs) + max(xs)) / 2
         ax.errorbar([centre], [est], yerr=[[est - low], [high - est]], fmt="o", color="black",

@@ -58,8 +58,14 @@ def language_interval(statistic: Callable[[np.ndarray], np.ndarray], n: int, *,
   low, high = (float(v) for v in result.confidence_interval)
   if not (np.isfinite(low) and np.isfinite(high)):
     spread = result.bootstrap_distribution
-    if np.nanmax(spread) - np.nanmin(spread) <= 1e-12 * max(1.0, abs(full)):
+    finite = spread[np.isfinite(spread)]
+    if finite.size and np.ptp(finite) <= 1e-12 * max(1.0, abs(full)):
       return full, full  # every resample gives the same value
+    if finite.size >= 0.9 * spread.size:
+      # With a handful of languages some resamples draw one language only, where a
+      # cross-lingual mean is undefined: the percentile interval of the others.
+      tail = 100 * (1 - confidence) / 2
+      return float(np.percentile(finite, tail)), float(np.percentile(finite, 100 - tail))
   return low, high
 
 
