@@ -25,6 +25,7 @@ cross-modal site pair covering the most layers (Seamless: text_encoder vs speech
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -333,10 +334,13 @@ def adaptor_effect(table: pd.DataFrame, *, languages: pd.DataFrame | None = None
              "pre_site", "post_site", "score_pre", "score_post", "effect", "null_pre",
              "null_post", "effect_corrected"]
   pre_site, post_site = _adaptor_sites(table, pre_site, post_site)
+  adaptor = table[(table.family == "cross_modal") & table.site_b.isin([pre_site, post_site])]
+  if adaptor.empty:
+    return pd.DataFrame(columns=columns)
   main = _resolve_sites(table, sites)
   rows = []
-  for (model, metric), t in table.groupby(["model", "metric"], sort=False):
-    cm = t[(t.family == "cross_modal") & t.site_b.isin([pre_site, post_site])]
+  for (model, metric), t in adaptor.groupby(["model", "metric"], sort=False):
+    cm = t
     if main[model][0] is not None:
       cm = cm[cm.site_a == main[model][0]]
     if cm.empty:
@@ -460,15 +464,16 @@ class _Finding(NamedTuple):
 
 def _vector(rows: pd.DataFrame, position: Mapping[str, int], size: int, column: str):
   values = np.full(size, np.nan)
-  values[rows.language_a.map(position).to_numpy(int)] = rows[column].to_numpy(float)
+  i = rows["_i"].to_numpy(int) if "_i" in rows else rows.language_a.map(position).to_numpy(int)
+  values[i] = rows[column].to_numpy(float)
   return values
 
 
 def _pairs_matrix(rows: pd.DataFrame, position: Mapping[str, int], size: int, column: str,
                   symmetric: bool = True):
   values = np.full((size, size), np.nan)
-  i = rows.language_a.map(position).to_numpy(int)
-  j = rows.language_b.map(position).to_numpy(int)
+  i = rows["_i"].to_numpy(int) if "_i" in rows else rows.language_a.map(position).to_numpy(int)
+  j = rows["_j"].to_numpy(int) if "_j" in rows else rows.language_b.map(position).to_numpy(int)
   values[i, j] = rows[column].to_numpy(float)
   if symmetric:  # for means over pairs an unordered pair counts once either way
     values[j, i] = rows[column].to_numpy(float)
@@ -495,7 +500,9 @@ def _group_findings(t: pd.DataFrame, main: tuple, effect: pd.DataFrame) -> list[
   langs = languages_of(t)
   position = {code: i for i, code in enumerate(langs)}
   size = len(langs)
-  t = t.assign(corrected=corrected(t).to_numpy())
+  codes = pd.Index(langs)
+  t = t.assign(corrected=corrected(t).to_numpy(), _i=codes.get_indexer(t.language_a),
+               _j=codes.get_indexer(t.language_b))
   out: list[_Finding] = []
 
   cm_rows = t[(t.family == "cross_modal") & (t.site_a == text_site) & (t.site_b == speech_site)]
@@ -503,6 +510,7 @@ def _group_findings(t: pd.DataFrame, main: tuple, effect: pd.DataFrame) -> list[
   cm_at = {lp: cm_rows[(cm_rows.layer_a == lp[0]) & (cm_rows.layer_b == lp[1])]
            for lp in layer_pairs}
 
+  @functools.lru_cache(maxsize=None)
   def cm(column):  # [L, T]
     return np.stack([_vector(cm_at[lp], position, size, column) for lp in layer_pairs], 1)
 
@@ -510,8 +518,14 @@ def _group_findings(t: pd.DataFrame, main: tuple, effect: pd.DataFrame) -> list[
   ls_rows = t[(t.family == "cross_lingual_speech") & (t.site_a == speech_site)]
   lt_layers, ls_layers = sorted(set(lt_rows.layer_a)), sorted(set(ls_rows.layer_a))
 
+  cache: dict = {}
+
   def matrices(rows, layers, column):
-    return {l: _pairs_matrix(rows[rows.layer_a == l], position, size, column) for l in layers}
+    key = (id(rows), column)
+    if key not in cache:
+      cache[key] = {l: _pairs_matrix(rows[rows.layer_a == l], position, size, column)
+                    for l in layers}
+    return cache[key]
 
   if len(layer_pairs) >= 2:
     x = np.array([lp[0] for lp in layer_pairs], float)
@@ -681,7 +695,8 @@ def _all_findings(table: pd.DataFrame, languages, sites) -> list[tuple[dict, _Fi
 def findings(table: pd.DataFrame, *, languages: pd.DataFrame | None = None,
              sites: tuple[str, str] | None = None, resamples: int = uncertainty.RESAMPLES,
              seed: int = uncertainty.SEED, confidence: float = uncertainty.CONFIDENCE,
-             method: str = uncertainty.METHOD) -> list[dict]:
+             method: str = uncertainty.METHOD, only: Sequence[str] | None = None
+             ) -> list[dict]:
   """The paper's claims, each with a bootstrap interval over languages, per (model, metric).
 
   cross_modal_trend              least-squares slope over layers of the mean cross-modal
@@ -702,10 +717,12 @@ def findings(table: pd.DataFrame, *, languages: pd.DataFrame | None = None,
   (corrected interval excludes 0; None without a null), `nonzero` (raw interval excludes 0),
   `pairs_above_null` of `pairs` (p < ALPHA), `n_languages` resampled, and `text`, the
   sentence the closing lines print. Intervals: uncertainty.language_interval (scipy's
-  bootstrap over languages, `method`, `resamples`, `seed`).
+  bootstrap over languages, `method`, `resamples`, `seed`). only: finding names to compute.
   """
   out = []
   for rec, f in _all_findings(table, languages, sites):
+    if only is not None and f.name not in only:
+      continue
     n = len(f.members)
     values = {}
     for column in ("score", "corrected") if rec["null"] else ("score",):
