@@ -774,7 +774,7 @@ def sentence_bootstrap(table: pd.DataFrame, rescore: Callable[[np.ndarray], np.n
   rows `rows` (see uncertainty.plan_rescorer). Each replicate keeps the table's null_mean
   (see engine.uncertainty on what that means). n: sentences, default the table's `n`.
   Returns one record per finding: id, model, metric, finding, where, sentence_ci_low,
-  sentence_ci_high, replicates, seed.
+  sentence_ci_high, sentence_bias (mean replicate - estimate), replicates, seed.
   """
   if n is None:
     n = int(table.n.iloc[0]) if "n" in table and len(table) else -1
@@ -789,12 +789,14 @@ def sentence_bootstrap(table: pd.DataFrame, rescore: Callable[[np.ndarray], np.n
 
   intervals = uncertainty.sentence_intervals(estimate, n, replicates=replicates, seed=seed,
                                              confidence=confidence)
+  observed = point_findings(table, languages=languages, sites=sites)
   out = []
   for rec, _ in _all_findings(table, languages, sites):
-    low, high = intervals.get(_finding_id(rec), (float("nan"), float("nan")))
+    low, high, mean = intervals.get(_finding_id(rec), (float("nan"),) * 3)
     out.append({"id": _finding_id(rec), "model": rec["model"], "metric": rec["metric"],
                 "finding": rec["finding"], "where": rec["where"], "sentence_ci_low": low,
-                "sentence_ci_high": high, "replicates": replicates, "seed": seed})
+                "sentence_ci_high": high, "sentence_bias": mean - observed[_finding_id(rec)],
+                "replicates": replicates, "seed": seed})
   return out
 
 
@@ -822,9 +824,10 @@ def _with_sentence_intervals(found: list[dict], sentence: Sequence[Mapping] | No
     if s is None:
       continue
     rec.update(sentence_ci_low=s["sentence_ci_low"], sentence_ci_high=s["sentence_ci_high"],
-               sentence_replicates=s["replicates"])
+               sentence_bias=s.get("sentence_bias"), sentence_replicates=s["replicates"])
     rec["text"] += (f"; over sentences [{_num(s['sentence_ci_low'])}, "
-                    f"{_num(s['sentence_ci_high'])}] ({s['replicates']} replicates)")
+                    f"{_num(s['sentence_ci_high'])}] ({s['replicates']} replicates, "
+                    f"replicate bias {_num(s.get('sentence_bias', float('nan')))})")
   return found
 
 

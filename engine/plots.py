@@ -65,9 +65,9 @@ def _family_panel(ax, by_layer, column, spread, *, band_null: bool, offsets_from
       ax.fill_between(x, m - s, m + s, color=colour, alpha=0.15, lw=0)
       if band_null and main.null_mean.notna().all():
         null, sd = main.null_mean.to_numpy(float), main.null_sd.fillna(0).to_numpy(float)
-        ax.plot(x, null, ":", color=colour, lw=1.4)
-        ax.fill_between(x, null - 2 * sd, null + 2 * sd, facecolor="none", edgecolor=colour,
-                        hatch="///", lw=0, alpha=0.5)
+        ax.plot(x, null, ":", color=colour, lw=1.6)
+        for edge in (null - 2 * sd, null + 2 * sd):
+          ax.plot(x, edge, "--", color=colour, lw=0.8, alpha=0.8)
     if family != "cross_modal":
       continue
     for (site_a, site_b), extra in rows[~rows.main].groupby(["site_a", "site_b"], sort=False):
@@ -85,7 +85,7 @@ def plot_similarity_by_layer(by_layer: pd.DataFrame, path: str | Path, *,
   `by_layer` is analysis.similarity_by_layer for one (model, metric). Main-site series are
   lines; other cross-modal site pairs (e.g. the adaptor's input and output against the text
   encoder's output) are single marked points at their text layer. With a null, the left
-  panel also shows each family's chance level (dotted: mean null score; hatched: null mean
+  panel also shows each family's chance level (dotted: mean null score; dashed: null mean
   +-2 null sd, where a single pair of unrelated representations would score) and a right
   panel the chance-corrected scores (score - null mean; 0 = chance).
   """
@@ -97,7 +97,7 @@ def plot_similarity_by_layer(by_layer: pd.DataFrame, path: str | Path, *,
   axes[0].set_ylabel(f"{_metric_label(metric)} similarity")
   if not null:
     axes[0].set_ylim(0, 1.02)  # with a null the chance band sets the scale instead
-  axes[0].set_title("raw" + (" (dotted, hatched: chance level, null mean \u00b12 sd)"
+  axes[0].set_title("raw" + (" (dotted: null mean, dashed: null mean \u00b12 sd)"
                              if null else ""), fontsize=10)
   if null:
     _family_panel(axes[1], by_layer, "corrected_mean", "corrected_std", band_null=False)
