@@ -780,6 +780,10 @@ def sentence_bootstrap(table: pd.DataFrame, rescore: Callable[[np.ndarray], np.n
     n = int(table.n.iloc[0]) if "n" in table and len(table) else -1
   if n < 2:
     raise ValueError(f"--bootstrap needs the number of sentences (the table's n is {n})")
+  count = len(languages_of(table)) if len(table) else 0
+  if count < uncertainty.MIN_LANGUAGES:
+    raise ValueError(f"--bootstrap needs at least {uncertainty.MIN_LANGUAGES} languages, the "
+                     f"table has {count}")
 
   def estimate(rows):
     scores = np.asarray(rescore(rows), np.float64)

@@ -185,6 +185,9 @@ def test_sentence_bootstrap_rescoring_recomputes_the_findings():
     assert r["replicates"] == 6 and r["sentence_ci_low"] < r["sentence_ci_high"]
   with pytest.raises(ValueError, match="--bootstrap needs at least 2 replicates"):
     A.sentence_bootstrap(table, rescore, replicates=1)
+  two = table[table.language_a.isin(["eng", "deu"]) & table.language_b.isin(["eng", "deu"])]
+  with pytest.raises(ValueError, match="--bootstrap needs at least 3 languages, the table has 2"):
+    A.sentence_bootstrap(two, rescore, replicates=2)
   with pytest.raises(ValueError, match=r"rescore returned shape \(3,\)"):
     A.sentence_bootstrap(table, lambda rows: np.zeros(3), replicates=2)
   data = A.summary(table, languages=language_table(), sentence=out)
