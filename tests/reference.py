@@ -58,9 +58,10 @@ def unbiased_hsic(k: np.ndarray, l: np.ndarray) -> float:
 
 
 def cka_debiased(x, y) -> float:
-  """Linear CKA with unbiased HSIC (Murphy et al. 2024): raw (uncentred) linear kernels."""
-  x = np.asarray(x, np.float64)
-  y = np.asarray(y, np.float64)
+  """Linear CKA with unbiased HSIC (Murphy et al. 2024). The estimator is invariant to shifting
+  features; centring first only keeps a large offset from swamping the Gram in float64."""
+  x = np.asarray(x, np.float64) - np.mean(x, axis=0)
+  y = np.asarray(y, np.float64) - np.mean(y, axis=0)
   k, l = x @ x.T, y @ y.T
   return unbiased_hsic(k, l) / np.sqrt(unbiased_hsic(k, k) * unbiased_hsic(l, l))
 

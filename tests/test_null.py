@@ -156,6 +156,10 @@ class DebiasedCkaTest(absltest.TestCase):
       for j in range(3):
         want = 1.0 if i == j else reference.cka_debiased(reps[i], reps[j])
         self.assertAlmostEqual(got[i, j], want, delta=1e-5)
+    x, y = reps[0], reps[1]  # offsets kept: the estimator on the raw linear kernels
+    raw = reference.unbiased_hsic
+    want = raw(x @ x.T, y @ y.T) / np.sqrt(raw(x @ x.T, x @ x.T) * raw(y @ y.T, y @ y.T))
+    self.assertAlmostEqual(got[0, 1], want, delta=1e-5)
 
   def test_near_zero_on_independent_data_where_biased_cka_is_not(self):
     rng = np.random.default_rng(0)
