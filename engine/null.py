@@ -22,8 +22,9 @@ import numpy as np
 from engine import sharding, svcca
 
 HIGHEST = svcca.HIGHEST
-# Metrics whose per-permutation work calls LAPACK (a small spectrum): on CPU these run
-# unbatched from one host thread per core (see svcca.pair_scores on the deadlock).
+# Metrics whose per-permutation work calls LAPACK (a small spectrum). On one CPU device a
+# batch of them is one batched call that fans out over XLA's pool; several CPU devices run at
+# once, so there each call stays unbatched (svcca.pair_scores: batched calls can deadlock).
 _SPECTRAL = ("svcca", "pwcca")
 
 
@@ -71,7 +72,7 @@ _draw = permutations  # calibrated's `permutations` argument shadows the name
 
 def _singular_values(m: jax.Array, serial: bool) -> jax.Array:
   """Singular values of a batch [C, k, l], descending. No Gram: its float32 eigenvalues put
-  exact zeros at ~sqrt(eps). `serial` keeps each LAPACK call unbatched (CPU, several threads)."""
+  exact zeros at ~sqrt(eps). `serial` keeps each LAPACK call unbatched (several CPU devices)."""
   def one(x):
     return jnp.linalg.svd(x, compute_uv=False)
   return jax.lax.map(one, m) if serial else one(m)
@@ -81,8 +82,8 @@ def _svcca_permuted(ua, sa, wa, ka, ubp, sb, wb, kb, *, serial):
   """SVCCA of a against a block of permuted copies ubp [C, n, K] of b -> [C]."""
   del sa, sb, wa, wb
   m = jnp.einsum("nk,cnl->ckl", ua, ubp, precision=HIGHEST)
-  sv = _singular_values(m, serial)
   k = jnp.minimum(ka, kb)
+  sv = _singular_values(m, serial)
   return jnp.sum(jnp.where(jnp.arange(sv.shape[-1]) < k, sv, 0), axis=-1) / k
 
 
@@ -179,11 +180,10 @@ def pair_null(bases: svcca.Bases, pairs: np.ndarray, perms: np.ndarray, *, metri
   valid[1:rows] = True
   mesh = mesh or sharding.pair_mesh()
   sharding.single_threaded_lapack()
-  serial = metric in _SPECTRAL and mesh.devices.flat[0].platform == "cpu"
-  threads = sharding.host_cores() if serial and mesh.size == 1 else 1
+  serial = metric in _SPECTRAL and mesh.devices.flat[0].platform == "cpu" and mesh.size > 1
   out = sharding.map_pairs(_null_block(metric, serial),
                            (tuple(bases), stack.reshape(blocks, chunk, n), valid),
-                           pairs, mesh=mesh, chunk_size=1, threads=threads)
+                           pairs, mesh=mesh, chunk_size=1)
   out = np.asarray(out, np.float64)
   return NullResult(score=out[:, 0], null_mean=out[:, 1], null_sd=out[:, 2],
                     exceed=np.rint(out[:, 3]).astype(np.int64),

@@ -1,5 +1,10 @@
 """Permutation nulls, debiased CKA and fixed-dimension SVCCA against float64 NumPy references
 and the statistics they promise (uniform p-values under a true null, power on shared signal)."""
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import scipy.stats
 from absl.testing import absltest, parameterized
@@ -8,6 +13,22 @@ from engine import null, svcca
 from tests import reference
 
 TOL = 1e-5  # float32 kernel vs float64 reference, per permuted score statistic
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+_DEVICES = r"""
+import json, sys
+from engine import sharding
+sharding.simulate_cpu_devices(int(sys.argv[1]))
+import jax
+from engine import svcca
+from tests.test_null import related_reps
+reps = related_reps(seed=8, widths=(10, 20, 15, 12, 9))
+out = {"devices": jax.device_count()}
+for metric in svcca.METRICS:
+  got = svcca.calibrated(reps, metric=metric, permutations=30, seed=3)
+  out[metric] = {k: v.tolist() for k, v in got.items()}
+print(json.dumps(out))
+"""
 
 
 def _margin(x, threshold=0.99) -> float:
@@ -113,6 +134,23 @@ class NullAgreementTest(parameterized.TestCase):
     self.assertFalse(np.allclose(full["null_mean"], other["null_mean"]))
     np.testing.assert_allclose(full["z"], (full["score"] - full["null_mean"]) / full["null_sd"])
     np.testing.assert_allclose(full["score"], svcca.pairwise(reps, pairs=svcca.all_pairs(4)), atol=1e-6)
+
+
+class DevicesTest(absltest.TestCase):
+
+  def test_four_devices_match_one(self):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, "-c", _DEVICES, "4"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    four = json.loads(proc.stdout.strip().splitlines()[-1])
+    self.assertEqual(four["devices"], 4)
+    reps = related_reps(seed=8, widths=(10, 20, 15, 12, 9))
+    for metric in svcca.METRICS:
+      one = svcca.calibrated(reps, metric=metric, permutations=30, seed=3)
+      for key, value in one.items():
+        np.testing.assert_allclose(four[metric][key], value, atol=1e-5, err_msg=f"{metric} {key}")
 
 
 class NullStatisticsTest(parameterized.TestCase):
