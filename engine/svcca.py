@@ -228,9 +228,19 @@ def _cross(ua: jax.Array, ub: jax.Array) -> jax.Array:
 def _svcca_pair(ua, sa, wa, ka, ub, sb, wb, kb):
   """Mean canonical correlation: singular values of U_a^T U_b, over min(k_a, k_b)."""
   del sa, sb, wa, wb
-  m = _cross(ua, ub)
-  ev = eigenvalues(jnp.matmul(m.T, m, precision=HIGHEST))  # ascending
-  return jnp.sum(_top(_rho(ev), ka, kb)) / jnp.minimum(ka, kb)
+  rho = jnp.clip(singular_values(_cross(ua, ub)), 0.0, 1.0)  # descending
+  return jnp.sum(_first(rho, ka, kb)) / jnp.minimum(ka, kb)
+
+
+def singular_values(m: jax.Array) -> jax.Array:
+  """Descending singular values of a small square matrix, from the matrix itself.
+
+  Eigenvalues of the Gram M^T M carry an absolute error of eps ||M||^2, which the square root
+  turns into ~sqrt(eps): an exactly-zero canonical correlation read 3e-4 in float32. The SVD of
+  M (bidiagonalisation, then values only) errs by eps ||M||, so zeros stay ~1e-7; measured on
+  CPU it costs ~15% more than the Gram route at k ~ 290.
+  """
+  return jnp.linalg.svd(m, compute_uv=False)
 
 
 def eigenvalues(g: jax.Array) -> jax.Array:
@@ -256,18 +266,25 @@ def _top(values: jax.Array, ka, kb) -> jax.Array:
   return jnp.where(jnp.arange(values.shape[-1]) >= values.shape[-1] - jnp.minimum(ka, kb), values, 0)
 
 
+def _first(values: jax.Array, ka, kb) -> jax.Array:
+  """Keeps the first min(k_a, k_b) of descending values: the rest are zero up to round-off."""
+  return jnp.where(jnp.arange(values.shape[-1]) < jnp.minimum(ka, kb), values, 0)
+
+
 def _pwcca_pair(ua, sa, wa, ka, ub, sb, wb, kb):
   """Projection-weighted CCA (Morcos et al. 2018), weighted on the first representation.
 
   Weights are how much of a's centred features each canonical variate of a accounts for,
   alpha_i = sum_j |<h_i, x_j>|, computed for the same canonical variates whose correlations
   they weight (the reference code mixes sides and adds the means back before weighting).
+  The left singular vectors of U_a^T U_b give those variates; the SVD keeps the correlations
+  exact where the eigenvalues of M M^T would put zeros at ~sqrt(eps).
   """
   del sa, sb, wb
-  m = _cross(ua, ub)
-  ev, vecs = jnp.linalg.eigh(jnp.matmul(m, m.T, precision=HIGHEST))  # ascending
-  alpha = _top(jnp.sum(jnp.abs(jnp.matmul(vecs.T, wa, precision=HIGHEST)), axis=1), ka, kb)
-  return jnp.sum(alpha * _rho(ev)) / jnp.sum(alpha)
+  vecs, sv, _ = jnp.linalg.svd(_cross(ua, ub), full_matrices=False)  # descending
+  rho = jnp.clip(sv, 0.0, 1.0)
+  alpha = _first(jnp.sum(jnp.abs(jnp.matmul(vecs.T, wa, precision=HIGHEST)), axis=1), ka, kb)
+  return jnp.sum(alpha * rho) / jnp.sum(alpha)
 
 
 def _cka_pair(ua, sa, wa, ka, ub, sb, wb, kb):
