@@ -157,6 +157,54 @@ def basis(x: jax.Array, *, threshold: float = 0.99, with_weights: bool = False,
 _basis = jax.jit(basis, static_argnames=("threshold", "with_weights", "reorthogonalize"))
 
 
+def _gram_basis(x: jax.Array, *, threshold: float, with_weights: bool):
+  """`basis` from a float64 Gram matrix on the smaller side and its eigendecomposition.
+
+  Measured on CPU (n=1000): 1.1-3.5x faster than the float32 SVD, and more accurate: the
+  float64 Gram's eigenvalues err by eps64 ||X||^2, so kept singular values and the span at the
+  cut are float32-exact, where the float32 SVD's span errs by eps32 sigma_1 / gap. Needs
+  jax_enable_x64 while traced (`_x64`); round-off directions come out at ~sqrt(eps64) sigma_1,
+  far below float32's numerical-rank cut, so float32 inputs only.
+  """
+  n, d = x.shape
+  xd = x.astype(jnp.float64)
+  xd = xd - jnp.mean(xd, axis=0, keepdims=True)
+  if n <= d:
+    lam, u = jnp.linalg.eigh(jnp.matmul(xd, xd.T, precision=HIGHEST))
+    lam, u = lam[::-1], u[:, ::-1]
+    s = jnp.sqrt(jnp.clip(lam, 0.0))
+    w = jnp.matmul(u.T, xd, precision=HIGHEST) if with_weights else None  # diag(s) V^T
+  else:
+    lam, v = jnp.linalg.eigh(jnp.matmul(xd.T, xd, precision=HIGHEST))
+    lam, v = lam[::-1], v[:, ::-1]
+    s = jnp.sqrt(jnp.clip(lam, 0.0))
+    u = jnp.matmul(xd, v, precision=HIGHEST) / jnp.where(s > 0, s, 1.0)[None, :]
+    w = (s[:, None] * v.T) if with_weights else None
+  rank = _kept_rank(s.astype(x.dtype), threshold, n, d)
+  keep = jnp.arange(s.shape[0]) < rank
+  u = jnp.where(keep[None, :], u, 0).astype(x.dtype)
+  s = jnp.where(keep, s, 0).astype(x.dtype)
+  w = w.astype(x.dtype) if w is not None else None
+  return u, s, w, rank
+
+
+_gram_basis_jit = jax.jit(_gram_basis, static_argnames=("threshold", "with_weights"))
+
+
+@functools.partial(jax.jit, static_argnames=("threshold", "with_weights"))
+def _gram_bases(x: jax.Array, *, threshold: float, with_weights: bool):
+  return jax.vmap(functools.partial(_gram_basis, threshold=threshold,
+                                    with_weights=with_weights))(x)
+
+
+def _x64(fn):
+  """fn run with float64 enabled (thread-local), for the float64 steps of a float32 pipeline."""
+  def run(*args, **kwargs):
+    with jax.enable_x64(True):
+      return jax.block_until_ready(fn(*args, **kwargs))
+  return run
+
+
 @functools.partial(jax.jit, static_argnames=("threshold", "with_weights", "reorthogonalize"))
 def _bases(x: jax.Array, *, threshold: float, with_weights: bool, reorthogonalize: bool):
   return jax.vmap(functools.partial(basis, threshold=threshold, with_weights=with_weights,
@@ -176,7 +224,8 @@ def compute_bases(reps, *, metric: str = "svcca", threshold: float = 0.99,
                   names: Sequence[str] | None = None, dtype=None,
                   trim: bool = True, warn: bool = True,
                   reorthogonalize: bool | None = None, parallel: bool = True) -> Bases:
-  """One SVD per representation, never one per pair.
+  """One SVD per representation, never one per pair (on CPU in float32: the eigendecomposition
+  of its float64 Gram matrix, `_gram_basis`).
 
   Returns bases padded to K columns; with `trim` K is cut to the largest kept rank (rounded up
   to a multiple of 8 so similar sweeps share compiled shapes), which shrinks every pair GEMM.
@@ -191,12 +240,16 @@ def compute_bases(reps, *, metric: str = "svcca", threshold: float = 0.99,
     reorthogonalize = not on_cpu
   options = dict(threshold=threshold, with_weights=metric == "pwcca",
                  reorthogonalize=bool(reorthogonalize))
-  if on_cpu and parallel:  # a batched CPU SVD mostly keeps one core busy: feed them all
-    one = functools.partial(_basis, **options)
+  one, batched = functools.partial(_basis, **options), functools.partial(_bases, **options)
+  if on_cpu and dtype == np.float32 and not reorthogonalize:
+    gram = dict(threshold=threshold, with_weights=metric == "pwcca")
+    one = _x64(functools.partial(_gram_basis_jit, **gram))
+    batched = _x64(functools.partial(_gram_bases, **gram))
+  if on_cpu and parallel:  # a batched CPU LAPACK call mostly keeps one core busy: feed them all
     parts = sharding.host_map(one, list(x), sharding.host_cores())
     u, s, w, rank = jax.tree.map(lambda *leaves: jnp.stack(leaves), *parts)
   else:
-    u, s, w, rank = _bases(x, **options)
+    u, s, w, rank = batched(x)
   rank_np = np.asarray(rank)
   n = x.shape[1]
   if warn and metric != "cka":

@@ -106,5 +106,37 @@ class ExactSpectraTest(parameterized.TestCase):
                                msg=f"pair {i}, {j}")
 
 
+class GramBasesTest(parameterized.TestCase):
+  """The float64-Gram bases (CPU, float32) against a float64 NumPy SVD of the same data."""
+
+  @parameterized.parameters((120, 300), (300, 120), (200, 200))
+  def test_span_values_and_weights_match_float64_svd(self, n, d):
+    rng = np.random.default_rng(n + d)
+    spectrum = np.geomspace(1.0, 1e-3, min(n, d))
+    x = (rng.standard_normal((n, min(n, d))) * spectrum) @ rng.standard_normal((min(n, d), d))
+    x = (x + 3.0).astype(np.float32)
+    bases = svcca.compute_bases([x], metric="pwcca", trim=False, warn=False)
+    xc = x.astype(np.float64) - x.astype(np.float64).mean(axis=0)
+    xc /= np.sqrt(np.mean(xc * xc))  # compute_bases works at unit RMS (scale-invariant scores)
+    u, s, vt = np.linalg.svd(xc, full_matrices=False)
+    k = int(bases.rank[0])
+    self.assertEqual(k, reference.kept_rank(s, 0.99))
+    got_u = np.asarray(bases.u[0], np.float64)[:, :k]
+    np.testing.assert_allclose(got_u @ got_u.T, u[:, :k] @ u[:, :k].T, atol=5e-5)
+    np.testing.assert_allclose(np.asarray(bases.s[0])[:k], s[:k], rtol=1e-5)
+    np.testing.assert_allclose(got_u @ np.asarray(bases.w[0], np.float64)[:k],
+                               (u[:, :k] * s[:k]) @ vt[:k], atol=5e-5 * s[0])
+    self.assertEqual(np.abs(np.asarray(bases.u[0])[:, k:]).max(initial=0.0), 0.0)
+
+  def test_numerical_rank_of_rank_deficient_data(self):
+    """threshold 1 (and CKA) keep the numerical rank: round-off directions are not counted."""
+    rng = np.random.default_rng(3)
+    for n, d, r in ((100, 60, 17), (50, 200, 23)):
+      x = (rng.standard_normal((n, r)) @ rng.standard_normal((r, d))).astype(np.float32)
+      for metric, threshold in (("svcca", 1.0), ("cka", 0.99)):
+        bases = svcca.compute_bases([x], metric=metric, threshold=threshold, warn=False)
+        self.assertEqual(int(bases.rank[0]), r, (n, d, metric))
+
+
 if __name__ == "__main__":
   absltest.main()
