@@ -1,6 +1,8 @@
 """Exact canonical correlations in float32: designed subspaces whose correlations are known
 (exact zeros beside exact ones, graded cosines, unequal ranks), each score within 2e-5 of the
 float64 reference. Eigenvalues of a float32 Gram put zeros at ~sqrt(eps) and fail these."""
+import jax
+import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
 
@@ -104,6 +106,23 @@ class ExactSpectraTest(parameterized.TestCase):
       for j in range(i + 1, len(reps)):
         self.assertAlmostEqual(got[i, j], reference.svcca(reps[i], reps[j]), delta=TOL,
                                msg=f"pair {i}, {j}")
+
+  def test_newton_schulz_nuclear_norm_is_exact_too(self):
+    """The accelerators' GEMM-only spectrum, checked here on CPU on the same designs."""
+    cases = ([shared_and_orthogonal(30 + i, 300, *c) for i, c in enumerate(SHARED)]
+             + [graded(40 + i, 300, *c) for i, c in enumerate(GRADED)])
+    norm = jax.jit(jax.vmap(svcca.nuclear_norm_newton_schulz))
+    ms, kmin, refs = [], [], []
+    for x, y, _ in cases:
+      bases = svcca.compute_bases([x.astype(np.float32), y.astype(np.float32)], trim=False,
+                                  warn=False)
+      u = np.zeros((2, 300, 64), np.float32)
+      u[:, :, :bases.u.shape[-1]] = np.asarray(bases.u)  # one padded width for the batch
+      ms.append(u[0].T @ u[1])
+      kmin.append(int(np.min(np.asarray(bases.rank))))
+      refs.append(reference.svcca(x, y))
+    got = np.asarray(norm(jnp.asarray(np.stack(ms)))) / np.asarray(kmin)
+    np.testing.assert_allclose(got, refs, atol=TOL)
 
 
 class GramBasesTest(parameterized.TestCase):
