@@ -17,6 +17,7 @@ import pytest
 from engine import analysis as A
 from engine import uncertainty as U
 from engine.data.languages import DEFAULT_LANGUAGES, language_table
+from engine.keys import Key
 
 LANGS = list(DEFAULT_LANGUAGES)  # 30, with the Joshi et al. resource groups
 NULL = {"cross_modal": 0.56, "cross_lingual_text": 0.52, "cross_lingual_speech": 0.52,
@@ -200,7 +201,7 @@ def test_plan_rescorer_scores_duplicated_rows_like_the_kernel():
   from engine import pairs as P
   from tests.test_analysis import numpy_svcca
   rng = np.random.default_rng(6)
-  keys = [P.RepKey(lang, modality, f"{modality}_encoder", 0)
+  keys = [Key(lang, modality, f"{modality}_encoder", 0)
           for lang in ("eng", "deu", "swh") for modality in ("text", "speech")]
   reps = {k: rng.normal(size=(40, 12)).astype(np.float32) for k in keys}
   plan = P.make_plan("all", keys, site_map={"text": "text_encoder", "speech": "speech_encoder"})
