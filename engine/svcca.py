@@ -21,7 +21,9 @@ import numpy as np
 
 from engine import sharding
 
-METRICS = ("svcca", "pwcca", "cka")
+METRICS = ("svcca", "pwcca", "cka", "cka_debiased")
+# Metrics that compare the full centred representations (nothing truncated, no small spectrum).
+FULL_RANK_METRICS = ("cka", "cka_debiased")
 HIGHEST = jax.lax.Precision.HIGHEST
 # CCA between k-dimensional subspaces of R^n degenerates as k approaches n: two random
 # k-dimensional subspaces already have large canonical correlations when k is a sizeable
@@ -169,20 +171,28 @@ def _metric_threshold(metric: str, threshold: float) -> float:
   if not 0.0 < threshold <= 1.0:
     raise ValueError(f"threshold must be in (0, 1], got {threshold}")
   # CKA compares the full centred representations: nothing is truncated.
-  return 1.0 if metric == "cka" else float(threshold)
+  return 1.0 if metric in FULL_RANK_METRICS else float(threshold)
 
 
 def compute_bases(reps, *, metric: str = "svcca", threshold: float = 0.99,
                   names: Sequence[str] | None = None, dtype=None,
                   trim: bool = True, warn: bool = True,
-                  reorthogonalize: bool | None = None, parallel: bool = True) -> Bases:
+                  reorthogonalize: bool | None = None, parallel: bool = True,
+                  dims: int | None = None) -> Bases:
   """One SVD per representation, never one per pair.
 
   Returns bases padded to K columns; with `trim` K is cut to the largest kept rank (rounded up
   to a multiple of 8 so similar sweeps share compiled shapes), which shrinks every pair GEMM.
+  `dims` keeps exactly that many directions for every representation instead of a variance
+  threshold (fixed-dimension SVCCA), so scores of different families share one null level.
   """
   threshold = _metric_threshold(metric, threshold)
   arrays = as_representations(reps, names)
+  if metric == "cka_debiased" and arrays[0].shape[0] < 4:
+    raise ValueError(f"cka_debiased needs at least 4 samples, got {arrays[0].shape[0]}")
+  if dims is not None:
+    _check_dims(dims, metric, arrays[0].shape[0])
+    threshold = 1.0  # the numerical rank, checked against dims below
   sharding.single_threaded_lapack()
   dtype = np.dtype(dtype or sharding.default_dtype())
   x = _stack(arrays, dtype)
@@ -199,13 +209,39 @@ def compute_bases(reps, *, metric: str = "svcca", threshold: float = 0.99,
     u, s, w, rank = _bases(x, **options)
   rank_np = np.asarray(rank)
   n = x.shape[1]
-  if warn and metric != "cka":
+  if dims is not None:
+    u, s, w, rank, rank_np = _fix_dims(u, s, w, rank_np, dims, names)
+  if warn and metric not in FULL_RANK_METRICS:
     _warn_degenerate(rank_np, n, names)
   if trim:
     k = min(u.shape[-1], int(math.ceil(rank_np.max() / 8) * 8))
     u, s = u[..., :k], s[..., :k]
     w = w[:, :k] if w is not None else None
   return Bases(u=u, s=s, w=w, rank=rank)
+
+
+def _check_dims(dims, metric: str, n: int) -> None:
+  if isinstance(dims, bool) or not isinstance(dims, (int, np.integer)) or dims < 1:
+    raise ValueError(f"svd_dims must be a positive integer, got {dims!r}")
+  if metric in FULL_RANK_METRICS:
+    raise ValueError(f"svd_dims applies to SVCCA and PWCCA; {metric} compares full representations")
+  if dims > n:
+    raise ValueError(f"svd_dims={dims} exceeds the number of samples n={n}; use at most {n - 1}")
+
+
+def _fix_dims(u, s, w, rank: np.ndarray, dims: int, names):
+  """Keeps the top `dims` directions of each basis; refuses a representation of lower rank."""
+  short = np.flatnonzero(rank < dims)
+  if short.size:
+    i = int(short[0])
+    raise ValueError(f"{_name(names, i)}: numerical rank {rank[i]} is below svd_dims={dims}; "
+                     "lower svd_dims")
+  keep = jnp.arange(u.shape[-1]) < dims
+  u = jnp.where(keep, u, 0)
+  s = jnp.where(keep, s, 0)
+  w = jnp.where(keep[:, None], w, 0) if w is not None else None
+  rank = np.full_like(rank, dims)
+  return u, s, w, jnp.asarray(rank), rank
 
 
 def _warn_degenerate(rank: np.ndarray, n: int, names) -> None:
@@ -277,7 +313,40 @@ def _cka_pair(ua, sa, wa, ka, ub, sb, wb, kb):
   return jnp.sum(m * m) / (jnp.sqrt(jnp.sum(sa**4)) * jnp.sqrt(jnp.sum(sb**4)))
 
 
-_PAIR_FNS = {"svcca": _svcca_pair, "pwcca": _pwcca_pair, "cka": _cka_pair}
+def _cka_debiased_pair(ua, sa, wa, ka, ub, sb, wb, kb):
+  """Linear CKA with the unbiased HSIC estimator (Song et al. 2012), from SVD bases."""
+  del wa, wb, ka, kb
+  return hsic_cka(*hsic_terms(ua, sa), *hsic_terms(ub, sb), _cross(ua * sa, ub * sb), ua.shape[0])
+
+
+def hsic_terms(u: jax.Array, s: jax.Array):
+  """Per-representation parts of the unbiased HSIC of the linear kernel K = X X^T, X = U S.
+
+  Returns diag(K) [n], tr K and ||K||_F^2 = sum s^4: with them every pair needs only
+  ||X_a^T X_b||_F^2 and diag(K_a) . diag(K_b) (tests/reference.py has the n x n formula).
+  """
+  x = u * s
+  diag = jnp.sum(x * x, axis=-1)
+  return diag, jnp.sum(s * s), jnp.sum(s**4)
+
+
+def hsic_cka(diag_a, tr_a, fro_a, diag_b, tr_b, fro_b, cross, n: int):
+  """Debiased CKA from hsic_terms and the cross product X_a^T X_b.
+
+  With centred X, 1^T K = 0, so for K~ = K - diag(K): tr(K~ L~) = tr(KL) - k.l,
+  1^T K~ L~ 1 = k.l and 1^T K~ 1 = -tr K. Song et al.'s HSIC_1 times n(n-3) is then
+  tr(KL) - n/(n-2) k.l + tr K tr L / ((n-1)(n-2)).
+  """
+  def hsic(kl, dot, tr_k, tr_l):
+    return kl - n / (n - 2) * dot + tr_k * tr_l / ((n - 1) * (n - 2))
+  ab = hsic(jnp.sum(cross * cross), jnp.dot(diag_a, diag_b, precision=HIGHEST), tr_a, tr_b)
+  aa = hsic(fro_a, jnp.dot(diag_a, diag_a, precision=HIGHEST), tr_a, tr_a)
+  bb = hsic(fro_b, jnp.dot(diag_b, diag_b, precision=HIGHEST), tr_b, tr_b)
+  return ab / jnp.sqrt(aa * bb)
+
+
+_PAIR_FNS = {"svcca": _svcca_pair, "pwcca": _pwcca_pair, "cka": _cka_pair,
+             "cka_debiased": _cka_debiased_pair}
 
 
 @functools.cache
@@ -333,7 +402,7 @@ def pair_scores(bases: Bases, pairs, *, metric: str = "svcca", mesh=None,
   mesh = mesh or sharding.pair_mesh()
   sharding.single_threaded_lapack()
   threads = 1
-  if metric != "cka" and mesh.devices.flat[0].platform == "cpu":
+  if metric not in FULL_RANK_METRICS and mesh.devices.flat[0].platform == "cpu":
     # jaxlib's batched CPU LAPACK kernels fan a batch out onto XLA's intra-op thread pool and
     # block until it drains. Two executions at once (several CPU devices, or several host
     # threads) can leave every pool thread such a waiter: a deadlock. One pair at a time
@@ -377,6 +446,16 @@ def pairwise(reps, *, metric: str = "svcca", threshold: float = 0.99, pairs=None
   if metric != "pwcca":
     out[idx[:, 1], idx[:, 0]] = scores
   return out
+
+
+def calibrated(reps, pairs=None, *, metric: str = "svcca", threshold: float = 0.99,
+               permutations: int = 1000, seed: int = 0, names: Sequence[str] | None = None,
+               dims: int | None = None) -> dict[str, np.ndarray]:
+  """Scores with their permutation null: arrays [P] score, null_mean, null_sd, z, p_value,
+  rank_a, rank_b (engine.null.calibrated); pairs=None means every i < j in all_pairs order."""
+  from engine import null  # engine.null builds on this module
+  return null.calibrated(reps, pairs, metric=metric, threshold=threshold,
+                         permutations=permutations, seed=seed, names=names, dims=dims)
 
 
 def pairwise_svcca(reps, *, threshold: float = 0.99, pairs=None, mesh=None) -> np.ndarray:
