@@ -24,10 +24,13 @@ from typing import Any, Mapping, NamedTuple, Sequence
 import numpy as np
 import pandas as pd
 
+NULL_COLUMNS = ("null_mean", "null_sd", "z", "p_value")
 COLUMNS = ("model", "site_a", "layer_a", "language_a", "modality_a", "site_b", "layer_b",
-           "language_b", "modality_b", "family", "metric", "score", "rank_a", "rank_b", "n")
-# What the analyses read; the kernel's ranks and n are reported but not needed to re-plot.
-REQUIRED = tuple(c for c in COLUMNS if c not in ("rank_a", "rank_b", "n"))
+           "language_b", "modality_b", "family", "metric", "score", "rank_a", "rank_b", "n",
+           *NULL_COLUMNS, "permutations")
+# What the analyses read; the kernel's ranks and n, and the null, are optional.
+OPTIONAL = ("rank_a", "rank_b", "n", *NULL_COLUMNS, "permutations")
+REQUIRED = tuple(c for c in COLUMNS if c not in OPTIONAL)
 CENTRAL_FAMILIES = ("cross_modal", "cross_lingual_text", "cross_lingual_speech")
 RESOURCE_ORDER = ("high", "medium", "low", "unknown")
 RESULTS_PARQUET = "results.parquet"
@@ -49,14 +52,20 @@ def validate_table(table: pd.DataFrame, source: str = "results table") -> pd.Dat
     raise ValueError(f"{source} lacks column(s) {', '.join(missing)} (has: "
                      f"{', '.join(map(str, table.columns))})")
   out = table.copy()
-  for column in ("layer_a", "layer_b", "score") + tuple(
+  for column in NULL_COLUMNS:
+    if column not in out.columns:
+      out[column] = np.nan
+  if "permutations" not in out.columns:
+    out["permutations"] = 0
+  for column in ("layer_a", "layer_b", "score", *NULL_COLUMNS, "permutations") + tuple(
       c for c in ("rank_a", "rank_b", "n") if c in out.columns):
     values = pd.to_numeric(out[column], errors="coerce")
     bad = values.isna() & out[column].notna()
     if bad.any():
       raise ValueError(f"{source}: column {column} holds non-numbers, e.g. "
                        f"{out[column][bad].iloc[0]!r} in row {int(np.flatnonzero(bad)[0])}")
-    out[column] = values
+    out[column] = values.astype(np.float64) if column in NULL_COLUMNS else values
+  out["permutations"] = out["permutations"].fillna(0).astype(np.int64)
   for column in ("layer_a", "layer_b"):
     if out[column].isna().any():
       raise ValueError(f"{source}: column {column} has empty cells")
@@ -68,8 +77,13 @@ def validate_table(table: pd.DataFrame, source: str = "results table") -> pd.Dat
 
 
 def results_table(plan: Sequence, score, rank_a=None, rank_b=None, *, model: str,
-                  metric: str, n: int | None = None) -> pd.DataFrame:
-  """The tidy table (COLUMNS, in order) for a plan of engine.pairs and its [P] scores."""
+                  metric: str, n: int | None = None, null: Mapping | None = None,
+                  permutations: int = 0) -> pd.DataFrame:
+  """The tidy table (COLUMNS, in order) for a plan of engine.pairs and its [P] scores.
+
+  null: the [P] arrays null_mean, null_sd, z, p_value (engine.svcca.calibrated's keys), or
+  None for NaN (no null); `permutations` is how many permutations made them.
+  """
   from engine.pairs import plan_frame  # pylint: disable=import-outside-toplevel
   table = plan_frame(plan)
   size = len(table)
@@ -83,6 +97,12 @@ def results_table(plan: Sequence, score, rank_a=None, rank_b=None, *, model: str
   table["rank_a"] = missing if rank_a is None else np.asarray(rank_a, np.int64)
   table["rank_b"] = missing if rank_b is None else np.asarray(rank_b, np.int64)
   table["n"] = -1 if n is None else int(n)
+  for name in NULL_COLUMNS:
+    values = np.full(size, np.nan) if null is None else np.asarray(null[name], np.float64)
+    if values.shape != (size,):
+      raise ValueError(f"{name} has shape {values.shape}, the plan has {size} pairs")
+    table[name] = values
+  table["permutations"] = int(permutations) if null is not None else 0
   return table[list(COLUMNS)]
 
 
