@@ -195,8 +195,8 @@ def pair_null(bases: svcca.Bases, pairs: np.ndarray, perms: np.ndarray, *, metri
 
 def finish(result: NullResult, permutations: int) -> dict[str, np.ndarray]:
   """z = (score - null_mean) / null_sd and p = (1 + #null >= score) / (1 + permutations)."""
-  permutations = _int(permutations, "permutations")
-  if permutations < 1 or np.any(result.exceed > permutations):
+  permutations, _ = _check_count_seed(permutations, 0)
+  if np.any(result.exceed > permutations):
     raise ValueError(f"permutations={permutations} is fewer than the null counts; pass the number "
                      "of permutations the result was computed with")
   with np.errstate(divide="ignore", invalid="ignore"):

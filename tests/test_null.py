@@ -276,8 +276,10 @@ class NullInputErrorsTest(absltest.TestCase):
     with self.assertRaisesRegex(ValueError, "seed must be a non-negative integer, got -2"):
       svcca.calibrated(self.reps, permutations=10, seed=-2)
     result = null.pair_null(self.bases, [[0, 1]], perms, metric="svcca")
-    with self.assertRaisesRegex(ValueError, "permutations=0 is fewer than the null counts"):
+    with self.assertRaisesRegex(ValueError, "permutations must be at least 2.*got 0"):
       null.finish(result, 0)
+    with self.assertRaisesRegex(ValueError, "permutations=5 is fewer than the null counts"):
+      null.finish(result._replace(exceed=np.array([9])), 5)
     empty = null.pair_null(self.bases, np.zeros((0, 2), np.int32), perms, metric="svcca")
     self.assertEqual(null.finish(empty, 5)["p_value"].shape, (0,))
 
