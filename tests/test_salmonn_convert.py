@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaModel, WhisperConfig, WhisperFeatureExtractor
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-from engine.models import beats, convert_salmonn, salmonn
+from engine.models import beats, convert_salmonn, salmonn, salmonn_modules
 
 H, HEADS, INTER, QF_LAYERS = 16, 2, 32, 2
 WHISPER, BEATS, LLM, LLM_LAYERS, RANK, ALPHA = 32, 8, 32, 3, 2, 8.0
@@ -215,7 +215,7 @@ def test_auditory_path_with_beats_matches_salmonn_reference(converted):
 def test_align_pads_the_shorter_stream(speech_len, audio_len):
   gen = torch.Generator().manual_seed(speech_len)
   speech, audio = torch.randn(2, speech_len, 3, generator=gen), torch.randn(2, audio_len, 2, generator=gen)
-  got = salmonn.align(speech, audio).numpy()
+  got = salmonn_modules.align(speech, audio).numpy()
   n = max(speech_len, audio_len)
   want = np.zeros((2, n, 5))
   want[:, :speech_len, :3] = speech.numpy()

@@ -1,11 +1,11 @@
 """SALMONN seen as sites of activations, rebuilt from transformers components.
 
 SALMONN (Tang et al., ICLR 2024): Whisper's encoder and a BEATs audio encoder
-(`engine.models.beats`), each stream layer-normed and concatenated frame by frame (`align`),
-cut into ~0.33 s windows (17 frames of Whisper's
-50 Hz output, stride 17) that a BLIP-2 Q-Former reads with one learned query per window; a
-linear layer projects the window tokens into Vicuna/LLaMA (LoRA on q_proj/v_proj), where they
-replace <SpeechHere> in "USER: <Speech><SpeechHere></Speech> {instruction}\\nASSISTANT:".
+(`engine.models.beats`), each stream layer-normed and concatenated frame by frame
+(`salmonn_modules.align`), cut into ~0.33 s windows (17 frames of Whisper's 50 Hz output,
+stride 17) that a BLIP-2 Q-Former reads with one learned query per window; a linear layer
+projects the window tokens into Vicuna/LLaMA (LoRA on q_proj/v_proj), where they replace
+<SpeechHere> in "USER: <Speech><SpeechHere></Speech> {instruction}\\nASSISTANT:".
 Whisper always sees 30 s (inputs are padded or cut there), so every utterance gives 88
 window tokens. Text enters the LLM embeddings directly, by default in the same template in
 place of the speech tokens (`text_prompt='plain'` feeds BOS + the sentence only).
@@ -30,37 +30,40 @@ LLM is causal, so sentence positions never see the template text to their right.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
 import glob
 import math
 import os
 import warnings
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from engine.models import beats as beats_model
-from engine.models import seamless
-from engine.models.base import Adapter, Capture, Site
+from engine.models import bpe, common
+from engine.models.base import Capture, Family, Site
+from engine.models.common import SAMPLING_RATE, TorchAdapter, recording
+from engine.models.salmonn_modules import SalmonnModel, pad_rows
+from engine.models.salmonn_tokenizer import salmonn_tokenizer
 
 WHISPER_SITE = "whisper"
 BEATS_SITE = "beats"
 QFORMER_SITE = "qformer"
 PROJ_SITE = "proj"
 LLM_SITE = "llm"
-SAMPLING_RATE = 16000
+FAMILY = Family(
+    name="salmonn", random=r"salmonn-tiny$",
+    site_map={"text": LLM_SITE,
+              "speech": (LLM_SITE, WHISPER_SITE, BEATS_SITE, QFORMER_SITE, PROJ_SITE),
+              "pre_adaptor": WHISPER_SITE, "post_adaptor": QFORMER_SITE})
 MIN_SAMPLES = SAMPLING_RATE  # SALMONN pads shorter audio with silence to 1 s
-PAD_TOKEN = "[PAD]"  # SALMONN adds it to the LLaMA tokenizer
 PROMPT_TEMPLATE = "USER: <Speech><SpeechHere></Speech> {}\nASSISTANT:"
 SPEECH_SLOT = "<SpeechHere>"
 DEFAULT_INSTRUCTION = "Recognize the speech and give me the transcription."
 MASK_SCOPES = ("sentence", "all")
 TEXT_PROMPTS = ("template", "plain")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Embedding rows of the tiny LLM: fixed (>= bytes + bundled-corpus BPE), so the random weights
 # never depend on what the bundled corpus holds.
 TINY_VOCAB = 37888
@@ -91,133 +94,6 @@ class SalmonnOptions:
       raise ValueError(f"prompt_template {self.prompt_template!r} must contain {SPEECH_SLOT} once")
 
 
-def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
-  if isinstance(dtype, torch.dtype):
-    return dtype
-  if dtype not in DTYPES:
-    raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
-  return DTYPES[dtype]
-
-
-def windows(x: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
-  """[B, T, C] -> [B, W, kernel, C] windows, W = (T - kernel) // stride + 1 (SALMONN's unfold)."""
-  return x.unfold(1, kernel, stride).transpose(-1, -2)
-
-
-def align(speech: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
-  """SALMONN's frame alignment: Whisper frames [B, T, C] and BEATs tokens [B, N, D] are paired
-  by index, the shorter stream zero-padded at the end, then concatenated: [B, max(T, N), C + D].
-  (Both run at 50 per second; a 30 s chunk gives 1500 Whisper frames and at most 1496 BEATs
-  tokens, so BEATs is the padded one.)"""
-  length = max(speech.shape[1], audio.shape[1])
-  pad = lambda x: nn.functional.pad(x, (0, 0, 0, length - x.shape[1]))
-  return torch.cat([pad(speech), pad(audio.to(speech.dtype))], dim=-1)
-
-
-def pad_rows(rows: Sequence[torch.Tensor], length: int | None = None) -> torch.Tensor:
-  """[N_i, D] tensors -> [B, max N_i (or length), D], zero-padded at the end."""
-  length = length or max(r.shape[0] for r in rows)
-  return torch.stack([nn.functional.pad(r, (0, 0, 0, length - r.shape[0])) for r in rows])
-
-
-@dataclasses.dataclass
-class Auditory:
-  """One speech batch through SALMONN's auditory front, every stage kept.
-
-  whisper: Whisper encoder hidden states (embeddings, each block, final LayerNorm), [B, T, C].
-  beats:   BEATs hidden states per utterance (encoder input, each block): [layer][item] [N_i, D];
-           None without a BEATs encoder.
-  qformer: each Q-Former block's output, [B, W*Q, H] (windows x queries, in time order).
-  tokens:  the projection into the LLM's embedding space, [B, W*Q, D_llm].
-  """
-  whisper: list[torch.Tensor]
-  beats: list[list[torch.Tensor]] | None
-  qformer: list[torch.Tensor]
-  tokens: torch.Tensor
-
-
-class SalmonnModel(nn.Module):
-  """Whisper encoder, optional BEATs encoder, window-level Q-Former, projection, LoRA LLaMA.
-
-  `beats_dim` > 0 means the Q-Former was trained on Whisper+BEATs features; `beats` is then
-  the BEATs encoder (`engine.models.beats.Beats`, `beats_dim` wide). Without it the BEATs
-  channels are zero, which is what SALMONN itself feeds past the end of BEATs' output.
-  """
-
-  def __init__(self, whisper: nn.Module, qformer: nn.Module, llm: nn.Module, *,
-               num_query_tokens: int = 1, beats_dim: int = 0, beats: nn.Module | None = None):
-    super().__init__()
-    width = whisper.config.d_model
-    self.whisper = whisper
-    self.ln_speech = nn.LayerNorm(width)
-    self.beats_dim = beats_dim
-    self.ln_audio = nn.LayerNorm(beats_dim) if beats_dim else None
-    if beats is not None and beats.width != beats_dim:
-      raise ValueError(f"BEATs gives {beats.width}-dim features but the Q-Former's BEATs "
-                       f"channels (ln_audio) are {beats_dim}-dim")
-    self.beats = beats
-    if qformer.config.encoder_hidden_size != width + beats_dim:
-      raise ValueError(f"Q-Former reads {qformer.config.encoder_hidden_size}-dim features but "
-                       f"Whisper ({width}) + BEATs ({beats_dim}) give {width + beats_dim}")
-    self.qformer = qformer
-    self.query_tokens = nn.Parameter(torch.zeros(1, num_query_tokens, qformer.config.hidden_size))
-    self.llm = llm
-    self.proj = nn.Linear(qformer.config.hidden_size, self.llama.config.hidden_size)
-
-  @property
-  def llama(self) -> nn.Module:
-    """The `LlamaModel` (with LoRA layers injected when wrapped by peft)."""
-    return self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
-
-  @property
-  def num_queries(self) -> int:
-    return self.query_tokens.shape[1]
-
-  def auditory(self, features: torch.Tensor, kernel: int, stride: int,
-               waves: Sequence[torch.Tensor] | None = None) -> Auditory:
-    """Whisper features [B, mels, frames] (and, for BEATs, the batch's waveforms [S_i]) ->
-    every stage's hidden states. BEATs runs on each waveform alone, as SALMONN's inference
-    does, so an utterance's tokens never depend on what else is in the batch."""
-    whisper_states = list(self.whisper(features, output_hidden_states=True).hidden_states)
-    speech = self.ln_speech(whisper_states[-1])
-    beats_states = None
-    if self.beats_dim:
-      if self.beats is not None and waves is not None:
-        per_item = [self.beats(w[None]).hidden_states for w in waves]
-        beats_states = [[item[l][0] for item in per_item] for l in range(len(per_item[0]))]
-        audio = pad_rows([self.ln_audio(x) for x in beats_states[-1]])
-      else:
-        audio = speech.new_zeros(speech.shape[0], speech.shape[1], self.beats_dim)
-      speech = align(speech, audio)
-    b = speech.shape[0]
-    win = windows(speech, kernel, stride)
-    n_windows = win.shape[1]
-    win = win.reshape(b * n_windows, kernel, speech.shape[-1])
-    queries = self.query_tokens.expand(win.shape[0], -1, -1).to(win.dtype)
-    q_out = self.qformer(query_embeds=queries, encoder_hidden_states=win, output_hidden_states=True)
-    q_states = [h.reshape(b, n_windows * self.num_queries, -1) for h in q_out.hidden_states[1:]]
-    return Auditory(whisper_states, beats_states, q_states, self.proj(q_states[-1]))
-
-
-@contextlib.contextmanager
-def _recording(modules: Sequence[nn.Module]) -> Iterator[list]:
-  """Collects each module's (first) output during the forward pass inside the block."""
-  out: list = [None] * len(modules)
-
-  def hook(i):
-    def fn(module, args, output):
-      del module, args
-      out[i] = output[0] if isinstance(output, (tuple, list)) else output
-    return fn
-
-  handles = [m.register_forward_hook(hook(i)) for i, m in enumerate(modules)]
-  try:
-    yield out
-  finally:
-    for h in handles:
-      h.remove()
-
-
 # ---------------------------------------------------------------------------------------------
 # Tiny random configuration and its offline tokenizer.
 
@@ -226,8 +102,7 @@ def tiny_llama_tokenizer():
   """A real `LlamaTokenizer` built offline: LLaMA's <unk>/<s>/</s> and 256 byte-fallback
   tokens over the bundled-corpus BPE shared with the other tiny models."""
   from transformers import LlamaTokenizer  # pylint: disable=import-outside-toplevel
-  from engine.models.sonar import bundled_bpe  # pylint: disable=import-outside-toplevel
-  tokens, merges = bundled_bpe()
+  tokens, merges = bpe.bundled_tokens()
   vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
   for byte in range(256):
     vocab[f"<0x{byte:02X}>"] = len(vocab)
@@ -283,20 +158,19 @@ def build_tiny(seed: int = 0, with_beats: bool = True):
 # The adapter.
 
 
-class SalmonnAdapter(Adapter):
+class SalmonnAdapter(TorchAdapter):
   """SALMONN behind the adapter interface: Whisper, Q-Former and LLM sites for both modalities."""
+
+  family = FAMILY
 
   def __init__(self, *, name: str, tokenizer, feature_extractor, model: SalmonnModel,
                options: SalmonnOptions = SalmonnOptions(), device: str = "cpu",
                dtype: str = "float32", weights: dict | None = None):
-    self.name = name
-    self.tokenizer = tokenizer
+    super().__init__(name=name, tokenizer=tokenizer, device=device, dtype=dtype,
+                     weights=weights or {})
     self.features = feature_extractor
     self.options = options
-    self.device = seamless.resolve_device(device)
-    self.dtype = torch_dtype(dtype)
-    self.model = model.to(self.device, self.dtype).eval()
-    self.weights = weights or {}
+    self.model = self.place(model)
     chunk = float(feature_extractor.chunk_length)
     frames = model.whisper.config.max_source_positions  # encoder frames in one chunk (1500)
     self.chunk_seconds = chunk
@@ -307,10 +181,6 @@ class SalmonnAdapter(Adapter):
     left, right = options.prompt_template.format(options.instruction).split(SPEECH_SLOT)
     self._left = self._ids(left)
     self._right = self._ids(right)
-
-  @functools.cached_property
-  def _tokenizer_digest(self) -> str:
-    return seamless.tokenizer_digest(self.tokenizer)
 
   # -- interface ------------------------------------------------------------------------------
 
@@ -384,11 +254,8 @@ class SalmonnAdapter(Adapter):
   def describe(self) -> dict:
     o = self.options
     return {
-        "name": self.name, "family": "salmonn", "dtype": str(self.dtype).replace("torch.", ""),
-        "device": str(self.device), "weights": self.weights, "beats": self._beats_state(),
+        **super().describe(), "beats": self._beats_state(),
         "without_beats": self.model.beats_dim > 0 and self.model.beats is None,
-        "tokenizer": {"class": type(self.tokenizer).__name__, "size": len(self.tokenizer),
-                      "digest": self._tokenizer_digest},
         "window_frames": self.kernel, "stride_frames": self.stride, "windows": self.n_windows,
         "queries_per_window": self.model.num_queries, "chunk_seconds": self.chunk_seconds,
         "prompt_template": o.prompt_template, "instruction": o.instruction,
@@ -444,7 +311,7 @@ class SalmonnAdapter(Adapter):
       mask = torch.stack([nn.functional.pad(m, (0, length - len(m))) for m in sentence])
       if self.options.mask_scope == "all":
         mask = attention
-      with _recording(list(llama.layers)) as blocks:
+      with recording(list(llama.layers)) as blocks:
         final = self.model.llm(inputs_embeds=inputs, attention_mask=attention.long()).last_hidden_state
     hidden = [inputs] + blocks[:-1] + [final]
     return {(LLM_SITE, l): Capture(h, mask) for l, h in enumerate(hidden)}
@@ -507,38 +374,6 @@ def _beats_for(state: dict, beats, without_beats: bool, ckpt: str):
   return encoder
 
 
-@functools.cache
-def slow_llama_tokenizer_class() -> type:
-  """transformers 4.28's sentencepiece `LlamaTokenizer`, the one SALMONN loads (`use_fast=
-  False`): pieces as sentencepiece encodes them (legacy: the dummy prefix kept), BOS prepended
-  when special tokens are added. transformers 5 keeps only its generic sentencepiece backend."""
-  from transformers.tokenization_utils_sentencepiece import SentencePieceBackend  # pylint: disable=import-outside-toplevel
-
-  class SlowLlamaTokenizer(SentencePieceBackend):
-    def build_inputs_with_special_tokens(self, token_ids_0, token_ids_1=None):
-      bos = [self.bos_token_id]
-      return bos + token_ids_0 if token_ids_1 is None else bos + token_ids_0 + bos + token_ids_1
-
-  return SlowLlamaTokenizer
-
-
-def salmonn_tokenizer(llm: str):
-  """The LLaMA tokenizer as SALMONN builds it: the slow sentencepiece tokenizer from the LLM's
-  tokenizer.model, plus its added pad token '[PAD]' (id = vocabulary size), right padding."""
-  path = os.path.join(llm, "tokenizer.model")
-  if not os.path.isdir(llm):
-    from huggingface_hub import hf_hub_download  # pylint: disable=import-outside-toplevel
-    path = hf_hub_download(llm, "tokenizer.model")
-  if not os.path.exists(path):
-    raise ValueError(f"LLM {llm!r} has no tokenizer.model; SALMONN tokenizes with the slow "
-                     "sentencepiece LlamaTokenizer, which needs it")
-  tokenizer = slow_llama_tokenizer_class()(vocab_file=path, legacy=True, bos_token="<s>", eos_token="</s>",
-                                 unk_token="<unk>")
-  tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
-  tokenizer.padding_side = "right"
-  return tokenizer
-
-
 def load(model: str, device: str = "cpu", dtype: str = "float32", *, whisper: str | None = None,
          llm: str | None = None, checkpoint: str | None = None, beats=None,
          without_beats: bool = False, qformer_heads: int = 12, lora_alpha: float = 32.0,
@@ -555,7 +390,7 @@ def load(model: str, device: str = "cpu", dtype: str = "float32", *, whisper: st
   `SalmonnOptions` fields.
   """
   opts = _options(options)
-  if model.lower().endswith("salmonn-tiny"):
+  if FAMILY.random_match(model):
     if beats is not None:
       raise ValueError("salmonn-tiny carries its own random BEATs; drop beats=")
     tok, fe, net = build_tiny(seed, with_beats=not without_beats)
@@ -568,7 +403,7 @@ def load(model: str, device: str = "cpu", dtype: str = "float32", *, whisper: st
   whisper_id, llm_id, ckpt, beats = _resolve(model, whisper, llm, checkpoint, beats)
   raw = convert_salmonn.model_state(ckpt)
   audio = _beats_for(convert_salmonn.convert(raw).state, beats, without_beats, ckpt)
-  torch_type = torch_dtype(dtype)
+  torch_type = common.torch_dtype(dtype)
   encoder = WhisperModel.from_pretrained(whisper_id, dtype=torch_type).get_encoder()
   llama = LlamaModel.from_pretrained(llm_id, dtype=torch_type)
   net = convert_salmonn.build_model(raw, encoder, llama,
