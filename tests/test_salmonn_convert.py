@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaModel, WhisperConfig, WhisperFeatureExtractor
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-from engine.models import beats, convert_salmonn, salmonn, salmonn_modules
+from engine.models import beats, convert_beats, convert_salmonn, salmonn, salmonn_modules
 
 H, HEADS, INTER, QF_LAYERS = 16, 2, 32, 2
 WHISPER, BEATS, LLM, LLM_LAYERS, RANK, ALPHA = 32, 8, 32, 3, 2, 8.0
@@ -278,3 +278,75 @@ def test_checkpoint_errors_name_the_keys(tmp_path):
   assert set(convert_salmonn.model_state(str(path))) == set(sd)
   with pytest.raises(ValueError, match="nothing.pth"):
     convert_salmonn.model_state(str(tmp_path / "nothing.pth"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading a released-layout directory: whisper/, vicuna/, the SALMONN .pth and BEATs_*.pt.
+
+
+@pytest.fixture(scope="module")
+def release_dir(tmp_path_factory):
+  from transformers import WhisperModel  # pylint: disable=import-outside-toplevel
+  from tests.test_salmonn_tokenizer import train_llama_spm  # pylint: disable=import-outside-toplevel
+  root = tmp_path_factory.mktemp("salmonn")
+  (root / "vicuna").mkdir()
+  train_llama_spm(root / "vicuna", 400)
+  whisper, llama = _pretrained_parts(400)
+  with torch.random.fork_rng(devices=[]):
+    torch.manual_seed(7)
+    full = WhisperModel(whisper.config)
+  full.save_pretrained(root / "whisper")
+  WhisperFeatureExtractor().save_pretrained(root / "whisper")
+  llama.save_pretrained(root / "vicuna")
+  torch.save(synthetic_checkpoint(), root / "salmonn_v1.pth")
+  beats_file = root / "BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt"
+  torch.save(convert_beats.released(_tiny_beats(seed=9)), beats_file)
+  return root, beats_file
+
+
+def _without(root, name, tmp_path):
+  """A copy of the release directory (symlinks) lacking one file."""
+  copy = tmp_path / "release"
+  copy.mkdir()
+  for entry in root.iterdir():
+    if entry.name != name:
+      (copy / entry.name).symlink_to(entry)
+  return copy
+
+
+def test_release_directory_loads_every_part(release_dir):
+  root, beats_file = release_dir
+  adapter = salmonn.load(str(root), qformer_heads=HEADS, lora_alpha=ALPHA)
+  info = adapter.describe()
+  assert info["beats"].startswith("present") and info["without_beats"] is False
+  assert info["weights"]["beats"] == str(beats_file)
+  assert info["weights"]["checkpoint"] == str(root / "salmonn_v1.pth")
+  assert info["tokenizer"]["class"] == "SlowLlamaTokenizer" and info["tokenizer"]["size"] == 401
+  expected = convert_beats.load(beats_file).state_dict()
+  for key, value in adapter.model.beats.state_dict().items():
+    assert torch.equal(value, expected[key]), key
+  wave = (0.1 * np.random.default_rng(1).standard_normal(20000)).astype(np.float32)
+  out = adapter.run_speech([wave], 16000, "eng")
+  assert {k for k in out if k[0] == "beats"} == {("beats", l) for l in range(3)}
+  assert {k for k in out if k[0] == "whisper"} == {("whisper", 0), ("whisper", 1)}
+
+
+def test_beats_is_required_unless_waived(release_dir, tmp_path):
+  root, beats_file = release_dir
+  bare = _without(root, beats_file.name, tmp_path)
+  with pytest.raises(ValueError, match="reads 8 BEATs channels .* no BEATs checkpoint was given"):
+    salmonn.load(str(bare), qformer_heads=HEADS, lora_alpha=ALPHA)
+  waived = salmonn.load(str(bare), qformer_heads=HEADS, lora_alpha=ALPHA, without_beats=True)
+  info = waived.describe()
+  assert info["without_beats"] is True and info["beats"].startswith("ABSENT")
+  assert info["weights"]["beats"] is None and "beats" not in {s["name"] for s in info["sites"]}
+  with pytest.raises(ValueError, match="not both"):
+    salmonn.load(str(root), qformer_heads=HEADS, without_beats=True)
+
+
+def test_beats_of_the_wrong_width_is_refused(release_dir, tmp_path):
+  root, _ = release_dir
+  wide = tmp_path / "BEATs_wide.pt"
+  torch.save(convert_beats.released(beats.build_tiny(0)), wide)  # 24 channels, not 8
+  with pytest.raises(ValueError, match="gives 24 channels"):
+    salmonn.load(str(root), beats=str(wide), qformer_heads=HEADS)
