@@ -114,28 +114,31 @@ def mel_banks(num_bins: int = MEL_BINS, fft_size: int = 512, sample_rate: float 
 
 
 def _mel(freq):
-  return 1127.0 * (torch.log(1.0 + freq / 700.0) if torch.is_tensor(freq) else math.log(1.0 + freq / 700.0))
+  log = torch.log if torch.is_tensor(freq) else math.log
+  return 1127.0 * log(1.0 + freq / 700.0)
 
 
 def kaldi_fbank(wave: torch.Tensor, num_mel_bins: int = MEL_BINS,
                 sample_rate: int = SAMPLING_RATE) -> torch.Tensor:
   """Log-mel filterbank of one waveform [S] -> [frames, num_mel_bins], Kaldi's defaults as
   BEATs uses them: snip_edges (frames = 1 + (S - 400) // 160), no dither, per-frame DC removal,
-  pre-emphasis 0.97, Povey window, 512-point power spectrum, energies floored at float eps."""
+  pre-emphasis 0.97, Povey window, 512-point power spectrum, energies floored at float eps.
+  Computed in float32 (BEATs' precision) unless the waveform is float64."""
   window = int(sample_rate * FRAME_LENGTH_MS / 1000)
   shift = int(sample_rate * FRAME_SHIFT_MS / 1000)
   if wave.dim() != 1 or wave.shape[0] < window:
     raise ValueError(f"BEATs fbank needs a 1-D waveform of at least {window} samples; "
                      f"got shape {tuple(wave.shape)}")
   fft_size = 1 << (window - 1).bit_length()
-  frames = wave.float().unfold(0, window, shift)
+  frames = (wave if wave.dtype == torch.float64 else wave.float()).unfold(0, window, shift)
   frames = frames - frames.mean(dim=1, keepdim=True)
   previous = torch.cat([frames[:, :1], frames[:, :-1]], dim=1)
   frames = frames - PREEMPHASIS * previous
-  povey = torch.hann_window(window, periodic=False, dtype=frames.dtype, device=frames.device) ** 0.85
+  hann = torch.hann_window(window, periodic=False, dtype=frames.dtype, device=frames.device)
+  povey = hann ** 0.85
   frames = F.pad(frames * povey, (0, fft_size - window))
   power = torch.fft.rfft(frames).abs() ** 2
-  banks = mel_banks(num_mel_bins, fft_size, sample_rate).to(frames.device)
+  banks = mel_banks(num_mel_bins, fft_size, sample_rate).to(frames.device, frames.dtype)
   energies = power @ banks.T
   return torch.clamp(energies, min=ENERGY_FLOOR).log()
 
@@ -147,7 +150,7 @@ def preprocess(waves: torch.Tensor) -> torch.Tensor:
 
 
 def tokens_for(samples: int, patch: int = 16) -> int:
-  """How many BEATs tokens a waveform of `samples` samples gives (fbank frames // patch * 128 // patch)."""
+  """BEATs tokens of a `samples`-long waveform: fbank frames // patch * (128 // patch)."""
   frames = 1 + (samples - 400) // 160 if samples >= 400 else 0
   return frames // patch * (MEL_BINS // patch)
 
@@ -247,7 +250,8 @@ class PositionalConv(nn.Module):
     super().__init__()
     self.kernel, self.groups = kernel, groups
     self.weight_g = nn.Parameter(torch.ones(1, 1, kernel))
-    self.weight_v = nn.Parameter(torch.randn(dim, dim // groups, kernel) * math.sqrt(4 / (kernel * dim)))
+    std = math.sqrt(4 / (kernel * dim))
+    self.weight_v = nn.Parameter(torch.randn(dim, dim // groups, kernel) * std)
     self.bias = nn.Parameter(torch.zeros(dim))
 
   def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -324,12 +328,14 @@ class Beats(nn.Module):
     """[B, S] 16 kHz waveforms (padding_mask [B, S], True = padding) -> hidden states."""
     return self.from_fbank(preprocess(waves), padding_mask)
 
-  def from_fbank(self, fbank: torch.Tensor, padding_mask: torch.Tensor | None = None) -> BeatsOutput:
+  def from_fbank(self, fbank: torch.Tensor,
+                 padding_mask: torch.Tensor | None = None) -> BeatsOutput:
     """[B, frames, 128] normalised fbank -> hidden states; padding_mask is per sample or frame."""
     weight = self.patch_embedding.weight
     if fbank.shape[1] < self.cfg.input_patch_size:
-      raise ValueError(f"BEATs needs at least {self.cfg.input_patch_size} fbank frames "
-                       f"({400 + 160 * (self.cfg.input_patch_size - 1)} samples); got {fbank.shape[1]}")
+      patch = self.cfg.input_patch_size
+      raise ValueError(f"BEATs needs at least {patch} fbank frames ({400 + 160 * (patch - 1)} "
+                       f"samples); got {fbank.shape[1]}")
     if padding_mask is not None:
       padding_mask = _pool_padding(padding_mask, fbank.shape[1])
     patches = self.patch_embedding(fbank.to(weight.dtype)[:, None])  # [B, E, T/P, mels/P]
@@ -350,6 +356,14 @@ def _pool_padding(padding: torch.Tensor, length: int) -> torch.Tensor:
   return padding.view(padding.shape[0], length, -1).all(-1)
 
 
+# Released iter3+ architecture at toy width (patch and mel sizes kept: they fix the token rate).
+TINY_CFG = dict(
+    input_patch_size=16, embed_dim=16, conv_bias=False, encoder_layers=2, encoder_embed_dim=24,
+    encoder_ffn_embed_dim=48, encoder_attention_heads=4, activation_fn="gelu",
+    layer_norm_first=False, deep_norm=True, conv_pos=16, conv_pos_groups=4,
+    relative_position_embedding=True, num_buckets=32, max_distance=64, gru_rel_pos=True)
+
+
 def build_tiny(seed: int = 0, **overrides) -> Beats:
   """A tiny random BEATs with the iter3+ architecture (deep norm, gated relative bias)."""
   cfg = BeatsConfig(**{**TINY_CFG, **overrides})
@@ -358,15 +372,7 @@ def build_tiny(seed: int = 0, **overrides) -> Beats:
     model = Beats(cfg)
     for name, p in model.named_parameters():
       if name.endswith("grep_a"):
-        nn.init.uniform_(p, 0.5, 1.5)  # released gates are not all 1: exercise them
+        nn.init.uniform_(p, 0.5, 1.5)  # BEATs initialises the gate scale to 1: vary it
       elif name.endswith("relative_attention_bias.weight"):
         nn.init.normal_(p, std=0.5)
   return model.eval()
-
-
-# Released iter3+ architecture at toy width (patch and mel sizes kept: they fix the token rate).
-TINY_CFG = dict(
-    input_patch_size=16, embed_dim=16, conv_bias=False, encoder_layers=2, encoder_embed_dim=24,
-    encoder_ffn_embed_dim=48, encoder_attention_heads=4, activation_fn="gelu",
-    layer_norm_first=False, deep_norm=True, conv_pos=16, conv_pos_groups=4,
-    relative_position_embedding=True, num_buckets=32, max_distance=64, gru_rel_pos=True)

@@ -24,15 +24,14 @@ transformers' `output_hidden_states`:
   projected window tokens), l=1..L-1 the decoder block outputs, l=L the final RMSNorm output
   (transformers' `output_hidden_states` convention).
 Masks (`mask_scope`): 'sentence' (default) keeps only the sentence's own positions: frames,
-BEATs tokens and windows that overlap the utterance, the sentence's tokens inside the prompt; never the
-template, BOS or the silence Whisper pads to 30 s. 'all' keeps every computed position. The
-LLM is causal, so sentence positions never see the template text to their right.
+BEATs tokens and windows that overlap the utterance, the sentence's tokens inside the prompt;
+never the template, BOS or the silence Whisper pads to 30 s. 'all' keeps every computed
+position. The LLM is causal, so sentence positions never see the template text to their right.
 """
 from __future__ import annotations
 
 import dataclasses
 import glob
-import math
 import os
 import warnings
 from typing import Sequence
@@ -130,8 +129,8 @@ def build_tiny(seed: int = 0, with_beats: bool = True):
       activation_dropout=0.0, encoder_layerdrop=0.0)
   qformer_cfg = Blip2QFormerConfig(
       hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-      cross_attention_frequency=1, encoder_hidden_size=32 + beats_model.TINY_CFG["encoder_embed_dim"],
-      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+      cross_attention_frequency=1, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+      encoder_hidden_size=32 + beats_model.TINY_CFG["encoder_embed_dim"])
   llama_cfg = LlamaConfig(
       vocab_size=TINY_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
@@ -355,10 +354,11 @@ def _beats_for(state: dict, beats, without_beats: bool, ckpt: str):
   """The BEATs encoder a SALMONN checkpoint needs, or None; refuses to guess."""
   needs = state["ln_audio.weight"].shape[0] if "ln_audio.weight" in state else 0
   if beats is not None and without_beats:
-    raise ValueError("SALMONN: pass either beats=<BEATs checkpoint> or without_beats=True, not both")
+    raise ValueError("SALMONN: pass beats=<BEATs checkpoint> or without_beats=True, not both")
   if not needs:
     if beats is not None:
-      raise ValueError(f"SALMONN checkpoint {ckpt!r} has no BEATs channels (no ln_audio); drop beats=")
+      raise ValueError(f"SALMONN checkpoint {ckpt!r} has no BEATs channels (no ln_audio); "
+                       "drop beats=")
     return None
   if beats is None:
     if without_beats:
