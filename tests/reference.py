@@ -106,15 +106,17 @@ def t5_bucket(offset: int, num_buckets: int, max_distance: int) -> int:
   return base + min(far, half - 1)
 
 
-def beats_block(x, p: dict, heads: int, bias, alpha: float):
-  """One post-LN block with deep-norm residual weight `alpha` and the gated relative position
-  bias: per head, scores_ij = q_i.k_j / sqrt(d) + g_i * r_ij with the GRU-style gate
+def beats_block(x, p: dict, heads: int, bias, alpha: float, pre_norm: bool = False):
+  """One post-LN block with deep-norm residual weight `alpha` (or a pre-LN block) and the gated
+  relative position bias: per head, scores_ij = q_i.k_j / sqrt(d) + g_i * r_ij with the GRU-style gate
   g_i = a_i (b_i w - 1) + 2, (a_i, b_i) = sigmoid of the grouped sums of a linear map of q_i.
   x [T, C]; p: numpy weights by our parameter names (without the 'encoder.layers.N.' prefix)."""
   t, c = x.shape
   d = c // heads
   lin = lambda y, name: y @ p[f"{name}.weight"].T + p[f"{name}.bias"]
-  q, k, v = (lin(x, f"self_attn.{n}_proj") for n in "qkv")
+  norm = lambda y, name: _layer_norm(y, p[f"{name}.weight"], p[f"{name}.bias"])
+  h = norm(x, "self_attn_layer_norm") if pre_norm else x
+  q, k, v = (lin(h, f"self_attn.{n}_proj") for n in "qkv")
   attn = np.zeros((t, c))
   for h in range(heads):
     qh, kh, vh = (y[:, h * d:(h + 1) * d] for y in (q, k, v))
@@ -126,14 +128,16 @@ def beats_block(x, p: dict, heads: int, bias, alpha: float):
     weights = np.exp(scores - scores.max(1, keepdims=True))
     weights /= weights.sum(1, keepdims=True)
     attn[:, h * d:(h + 1) * d] = weights @ vh
-  x = _layer_norm(x * alpha + lin(attn, "self_attn.out_proj"),
-                  p["self_attn_layer_norm.weight"], p["self_attn_layer_norm.bias"])
-  ffn = lin(_gelu(lin(x, "fc1")), "fc2")
-  return _layer_norm(x * alpha + ffn, p["final_layer_norm.weight"], p["final_layer_norm.bias"])
+  if pre_norm:
+    x = x + lin(attn, "self_attn.out_proj")
+    return x + lin(_gelu(lin(norm(x, "final_layer_norm"), "fc1")), "fc2")
+  x = norm(x * alpha + lin(attn, "self_attn.out_proj"), "self_attn_layer_norm")
+  return norm(x * alpha + lin(_gelu(lin(x, "fc1")), "fc2"), "final_layer_norm")
 
 
 def beats_encoder(fbank, p: dict, cfg) -> list[np.ndarray]:
-  """A post-LN BEATs on one normalised fbank [frames, 128]: [encoder input, each block]."""
+  """BEATs on one normalised fbank [frames, 128]: [encoder input, each block], the last one
+  after the final LayerNorm for a pre-LN model."""
   size = cfg.input_patch_size
   w = p["patch_embedding.weight"]  # [E, 1, P, P]
   rows, cols = fbank.shape[0] // size, fbank.shape[1] // size
@@ -153,14 +157,18 @@ def beats_encoder(fbank, p: dict, cfg) -> list[np.ndarray]:
     for t in range(n):
       window = padded[t:t + k, group * per:(group + 1) * per]  # [K, C/G]
       conv[t, o] = (window * kernel_w[o].T).sum() + p["encoder.pos_conv.bias"][o]
-  x = _layer_norm(x + _gelu(conv), p["encoder.layer_norm.weight"], p["encoder.layer_norm.bias"])
+  final = lambda y: _layer_norm(y, p["encoder.layer_norm.weight"], p["encoder.layer_norm.bias"])
+  x = x + _gelu(conv) if cfg.layer_norm_first else final(x + _gelu(conv))
   table = p["encoder.layers.0.self_attn.relative_attention_bias.weight"]  # [buckets, H]
   bias = np.array([[[table[t5_bucket(j - i, cfg.num_buckets, cfg.max_distance), h]
                      for j in range(n)] for i in range(n)] for h in range(cfg.encoder_attention_heads)])
-  alpha = (2 * cfg.encoder_layers) ** 0.25
+  alpha = (2 * cfg.encoder_layers) ** 0.25 if cfg.deep_norm else 1.0
   states = [x]
   for layer in range(cfg.encoder_layers):
     prefix = f"encoder.layers.{layer}."
     block = {key[len(prefix):]: val for key, val in p.items() if key.startswith(prefix)}
-    states.append(beats_block(states[-1], block, cfg.encoder_attention_heads, bias, alpha))
+    states.append(beats_block(states[-1], block, cfg.encoder_attention_heads, bias, alpha,
+                              cfg.layer_norm_first))
+  if cfg.layer_norm_first:
+    states[-1] = final(states[-1])
   return states

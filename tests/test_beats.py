@@ -61,8 +61,10 @@ def test_relative_buckets_follow_t5():
   assert buckets.max() == 31 and len(np.unique(buckets)) == 31
 
 
-def test_encoder_matches_float64_recomputation(tiny):
-  model = beats.build_tiny(seed=3).double()
+@pytest.mark.parametrize("variant", [{}, {"deep_norm": False, "layer_norm_first": True}])
+def test_encoder_matches_float64_recomputation(tiny, variant):
+  """The iter3+ deep-norm model, and BEATs' pre-LN variant."""
+  model = beats.build_tiny(seed=3, **variant).double()
   rng = np.random.default_rng(0)
   fbank = rng.standard_normal((5 * 16 + 7, 128))  # 5 time patches and a remainder BEATs drops
   with torch.no_grad():
