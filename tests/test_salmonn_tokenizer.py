@@ -1,4 +1,6 @@
 """SALMONN's LLaMA tokenizer: the slow sentencepiece tokenizer with its added [PAD] token."""
+import pickle
+
 import pytest
 import sentencepiece as spm
 
@@ -36,6 +38,8 @@ def test_prompt_template_ids_are_sentencepiece_ids(vicuna):
   assert tok.convert_ids_to_tokens(tok(left, add_special_tokens=False)["input_ids"]) == \
       sp.encode(left, out_type=str)
   assert tok("Hi")["input_ids"] == [1] + sp.encode("Hi")  # BOS, no EOS, as LlamaTokenizer
+  again = pickle.loads(pickle.dumps(tok))  # adapters travel to worker processes
+  assert again(left, add_special_tokens=False)["input_ids"] == sp.encode(left)
 
 
 def test_pad_token_is_added_after_the_vocabulary(vicuna):

@@ -17,6 +17,7 @@ block l, the last one the encoder output (after the final LayerNorm for a pre-LN
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Mapping
 
@@ -226,7 +227,7 @@ class BeatsLayer(nn.Module):
     self.pre_norm = cfg.layer_norm_first
     self.alpha = cfg.deep_norm_alpha
     self.activation = {"gelu": _gelu,
-                       "gelu_accurate": lambda y: F.gelu(y, approximate="tanh"),
+                       "gelu_accurate": functools.partial(F.gelu, approximate="tanh"),
                        "relu": F.relu}[cfg.activation_fn]
 
   def forward(self, x, bias, padding):

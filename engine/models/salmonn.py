@@ -45,7 +45,6 @@ from engine.models import bpe, common
 from engine.models.base import Capture, Family, Site
 from engine.models.common import SAMPLING_RATE, TorchAdapter, recording
 from engine.models.salmonn_modules import SalmonnModel, pad_rows
-from engine.models.salmonn_tokenizer import salmonn_tokenizer
 
 WHISPER_SITE = "whisper"
 BEATS_SITE = "beats"
@@ -400,6 +399,7 @@ def load(model: str, device: str = "cpu", dtype: str = "float32", *, whisper: st
   # pylint: disable=import-outside-toplevel
   from transformers import LlamaModel, WhisperFeatureExtractor, WhisperModel
   from engine.models import convert_salmonn
+  from engine.models.salmonn_tokenizer import salmonn_tokenizer
   whisper_id, llm_id, ckpt, beats = _resolve(model, whisper, llm, checkpoint, beats)
   raw = convert_salmonn.model_state(ckpt)
   audio = _beats_for(convert_salmonn.convert(raw).state, beats, without_beats, ckpt)

@@ -5,29 +5,24 @@ implementation (the tokenizers-backed LlamaTokenizer) from the same files; SALMO
 were trained on the sentencepiece one's ids, so real weights get that one."""
 from __future__ import annotations
 
-import functools
 import os
+
+from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
 
 PAD_TOKEN = "[PAD]"
 
 
-@functools.cache
-def slow_llama_tokenizer_class() -> type:
+class SlowLlamaTokenizer(SentencePieceBackend):
   """transformers 4.28's sentencepiece `LlamaTokenizer`, the one SALMONN loads (`use_fast=
   False`): pieces as sentencepiece encodes them (legacy: the dummy prefix kept), BOS prepended
   when special tokens are added. transformers 5 keeps only its generic sentencepiece backend."""
-  # pylint: disable=import-outside-toplevel
-  from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
 
-  class SlowLlamaTokenizer(SentencePieceBackend):
-    def build_inputs_with_special_tokens(self, token_ids_0, token_ids_1=None):
-      bos = [self.bos_token_id]
-      return bos + token_ids_0 if token_ids_1 is None else bos + token_ids_0 + bos + token_ids_1
-
-  return SlowLlamaTokenizer
+  def build_inputs_with_special_tokens(self, token_ids_0, token_ids_1=None):
+    bos = [self.bos_token_id]
+    return bos + token_ids_0 if token_ids_1 is None else bos + token_ids_0 + bos + token_ids_1
 
 
-def salmonn_tokenizer(llm: str):  # -> SlowLlamaTokenizer
+def salmonn_tokenizer(llm: str) -> SlowLlamaTokenizer:
   """The LLaMA tokenizer as SALMONN builds it: the slow sentencepiece tokenizer from the LLM's
   tokenizer.model, plus its added pad token '[PAD]' (id = vocabulary size), right padding."""
   path = os.path.join(llm, "tokenizer.model")
@@ -37,8 +32,8 @@ def salmonn_tokenizer(llm: str):  # -> SlowLlamaTokenizer
   if not os.path.exists(path):
     raise ValueError(f"LLM {llm!r} has no tokenizer.model; SALMONN tokenizes with the slow "
                      "sentencepiece LlamaTokenizer, which needs it")
-  tokenizer = slow_llama_tokenizer_class()(vocab_file=path, legacy=True, bos_token="<s>",
-                                           eos_token="</s>", unk_token="<unk>")
+  tokenizer = SlowLlamaTokenizer(vocab_file=path, legacy=True, bos_token="<s>", eos_token="</s>",
+                                 unk_token="<unk>")
   tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
   tokenizer.padding_side = "right"
   return tokenizer
