@@ -167,12 +167,11 @@ def test_extraction_into_a_store_matches_direct_runs(adapter, tmp_path):
   assert len(st.keys()) == 3 * sum(s.layers for s in adapter.sites())
   frame = corpus.to_pandas()
   rus = frame[frame.language == "rus"].sort_values("id")
+  direct = {"text": adapter.run_text(list(rus.text), "rus"),
+            "speech": adapter.run_speech(list(rus.audio.map(lambda a: np.asarray(a, np.float32))),
+                                         16000, "rus")}
   for modality, site, layer in CHECKED:
-    if modality == "text":
-      out = adapter.run_text(list(rus.text), "rus")
-    else:
-      out = adapter.run_speech(list(rus.audio.map(lambda a: np.asarray(a, np.float32))), 16000, "rus")
-    cap = out[(site, layer)]
+    cap = direct[modality][(site, layer)]
     stored = np.asarray(st.load(Key("rus", modality, site, layer)))
     np.testing.assert_allclose(stored, pool(cap.hidden, cap.mask, "mean").numpy(), rtol=1e-4, atol=1e-5)
 
