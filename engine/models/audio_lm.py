@@ -74,8 +74,9 @@ class Family:
   model_class: Callable[[], type]  # the class from_pretrained loads
   parts: Callable[[nn.Module], Parts]
   body: Callable[[nn.Module], nn.Module]  # the module whose forward runs encoder + LM, no head
+  # (adapter, processor output, clips) -> (encoder chunks, projector chunks)
   layout: Callable[[object, dict, Sequence[np.ndarray]], tuple[list[Chunk], list[Chunk]]]
-  speech_inputs: Callable | None = None  # (processor, audios) -> processor output; default recipe
+  speech_inputs: Callable | None = None  # (adapter, clips) -> model inputs; default: the processor
   text_prompt: Callable | None = None  # (processor, conversation) -> str; default chat template
 
 
@@ -217,7 +218,7 @@ class AudioLMAdapter(Adapter):
   def speech_inputs(self, audios: Sequence[np.ndarray]) -> dict:
     """The processor's output for a speech batch: each clip alone in the chat template."""
     if self.family.speech_inputs is not None:
-      return self.family.speech_inputs(self.processor, audios)
+      return self.family.speech_inputs(self, audios)
     prompt = self.render({"type": "audio"})
     token = self.processor.audio_token
     if token not in prompt:
@@ -266,7 +267,7 @@ class AudioLMAdapter(Adapter):
     if sampling_rate != SAMPLING_RATE:
       raise ValueError(f"{self.name} takes {SAMPLING_RATE} Hz speech; got {sampling_rate} Hz")
     batch = dict(self.speech_inputs(audios))
-    frames, tokens = self.family.layout(self.processor, batch, audios)
+    frames, tokens = self.family.layout(self, batch, audios)
     got = self._forward(batch)
     out: dict[tuple[str, int], Capture] = {}
     for key, h in got.items():

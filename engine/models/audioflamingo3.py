@@ -65,8 +65,9 @@ def parts(model: nn.Module) -> audio_lm.Parts:
                         list(inner.language_model.layers), inner.language_model.norm)
 
 
-def layout(processor, batch: dict, audios):
+def layout(adapter, batch: dict, audios):
   """30 s windows per clip (as the processor cuts them), each a Whisper-style chunk."""
+  processor = adapter.processor
   windows = int(processor.max_audio_len // processor.feature_extractor.chunk_length)
   owners = []
   for i, a in enumerate(audios):

@@ -103,11 +103,11 @@ def parts(model: nn.Module) -> audio_lm.Parts:
                         list(inner.language_model.layers), inner.language_model.norm)
 
 
-def layout(processor, batch: dict, audios):
+def layout(adapter, batch: dict, audios):
   """Packed rows: the encoder keeps each 2 s chunk's frames after its stride-2 conv; pooling
   and the projection run over a clip's frames together."""
-  del processor, audios
-  window = 2 * 100  # mel frames per attention chunk (2 * n_window)
+  del audios
+  window = 2 * adapter.model.config.audio_config.n_window  # mel frames per attention chunk
   frames, tokens = [], []
   for i, n in enumerate(int(x) for x in batch["feature_attention_mask"].sum(-1).tolist()):
     for start in range(0, n, window):

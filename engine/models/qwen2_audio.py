@@ -63,8 +63,8 @@ def whisper_layout(mel_lengths, owners=None):
   return frames, tokens
 
 
-def layout(processor, batch: dict, audios):
-  del processor, audios
+def layout(adapter, batch: dict, audios):
+  del adapter, audios
   return whisper_layout(batch["feature_attention_mask"].sum(-1).tolist())
 
 
