@@ -17,7 +17,7 @@ system prompt, role headers, <|im_end|> or the generation prompt). Speech: the a
 (never audio bos/eos markers or the text around them), and in the encoder the frames that hold
 the clip. Right padding throughout, so a sentence's activations do not depend on its batch.
 
-A family module (engine/models/qwen2_audio.py, ...) supplies a `Family`: the config model types
+A family module (engine/models/qwen2_audio.py, ...) supplies a `Recipe`: the config model types
 it claims, a tiny random build, where its modules are, how to call its body, and how its
 encoder frames and audio tokens are laid out per clip (`Chunk`s).
 """
@@ -65,7 +65,7 @@ class Parts:
 
 
 @dataclasses.dataclass(frozen=True)
-class Family:
+class Recipe:
   """What one model family contributes to the recipe."""
   name: str
   model_types: tuple[str, ...]  # config.model_type values this family claims
@@ -141,16 +141,16 @@ def gather(hidden: torch.Tensor, chunks: Sequence[Chunk], clips: int) -> Capture
 class AudioLMAdapter(Adapter):
   """An audio-language model behind the adapter interface, through its own processor."""
 
-  def __init__(self, *, name: str, family: Family, model: nn.Module, processor,
+  def __init__(self, *, name: str, recipe: Recipe, model: nn.Module, processor,
                device: str = "cpu", dtype: str = "float32", weights: str = ""):
     self.name = name
-    self.family = family
+    self.recipe = recipe
     self.processor = processor
     self.device = seamless.resolve_device(device)
     self.dtype = seamless.torch_dtype(dtype)
     self.model = model.to(self.device, self.dtype).eval()
-    self.parts = family.parts(self.model)
-    self.body = family.body(self.model)
+    self.parts = recipe.parts(self.model)
+    self.body = recipe.body(self.model)
     self.weights = weights
     self._accepted = set(inspect.signature(self.body.forward).parameters)
 
@@ -172,17 +172,13 @@ class AudioLMAdapter(Adapter):
             Site(PROJECTOR_SITE, "speech", 1), Site(LLM_SITE, "text", n),
             Site(LLM_SITE, "speech", n)]
 
-  def site_map(self) -> dict:
-    """Where text and speech meet (roles of engine.pairs.SITE_MAP_ROLES)."""
-    return dict(SITE_MAP)
-
   # -- inputs ----------------------------------------------------------------------------------
 
   def render(self, content: dict) -> str:
     """The chat template around one content item, as the model's processor renders it."""
     conv = conversation(content)
-    if self.family.text_prompt is not None:
-      return self.family.text_prompt(self.processor, conv)
+    if self.recipe.text_prompt is not None:
+      return self.recipe.text_prompt(self.processor, conv)
     if getattr(self.processor, "chat_template", None) is None:
       raise ValueError(f"model {self.name} has no chat template (its processor has none); "
                        "load a processor that ships one")
@@ -202,7 +198,7 @@ class AudioLMAdapter(Adapter):
     batch = self.processor(text=prompts, padding=True, padding_side="right", return_tensors="pt")
     enc = self.tokenizer(prompts, padding=True, padding_side="right", return_tensors="pt",
                          return_offsets_mapping=True, add_special_tokens=False
-                         if self.family.text_prompt is not None else True)
+                         if self.recipe.text_prompt is not None else True)
     if not torch.equal(enc["input_ids"], batch["input_ids"]):
       raise ValueError(f"the tokenizer of {self.name} does not reproduce its processor's ids")
     offsets = enc["offset_mapping"]
@@ -217,8 +213,8 @@ class AudioLMAdapter(Adapter):
 
   def speech_inputs(self, audios: Sequence[np.ndarray]) -> dict:
     """The processor's output for a speech batch: each clip alone in the chat template."""
-    if self.family.speech_inputs is not None:
-      return self.family.speech_inputs(self, audios)
+    if self.recipe.speech_inputs is not None:
+      return self.recipe.speech_inputs(self, audios)
     prompt = self.render({"type": "audio"})
     token = self.processor.audio_token
     if token not in prompt:
@@ -267,7 +263,7 @@ class AudioLMAdapter(Adapter):
     if sampling_rate != SAMPLING_RATE:
       raise ValueError(f"{self.name} takes {SAMPLING_RATE} Hz speech; got {sampling_rate} Hz")
     batch = dict(self.speech_inputs(audios))
-    frames, tokens = self.family.layout(self, batch, audios)
+    frames, tokens = self.recipe.layout(self, batch, audios)
     got = self._forward(batch)
     out: dict[tuple[str, int], Capture] = {}
     for key, h in got.items():
@@ -298,7 +294,7 @@ class AudioLMAdapter(Adapter):
 
   def describe(self) -> dict:
     return {
-        "name": self.name, "family": self.family.name, "weights": self.weights,
+        "name": self.name, "family": self.recipe.name, "weights": self.weights,
         "dtype": str(self.dtype).replace("torch.", ""), "device": str(self.device),
         "model_type": getattr(self.model.config, "model_type", None),
         "processor": type(self.processor).__name__,
@@ -316,25 +312,25 @@ class AudioLMAdapter(Adapter):
 # Loading.
 
 
-def load(family: Family, model: str, device: str = "cpu", dtype: str = "float32", *,
+def load(recipe: Recipe, model: str, device: str = "cpu", dtype: str = "float32", *,
          seed: int = 0) -> AudioLMAdapter:
   """A tiny random build (one of `family.tiny_names`) or real weights from a hub id or local
   directory whose config's model_type the family claims."""
-  if model.strip().lower() in family.tiny_names:
-    net, processor = family.build_tiny(seed)
-    return AudioLMAdapter(name=model, family=family, model=net, processor=processor,
+  if model.strip().lower() in recipe.tiny_names:
+    net, processor = recipe.build_tiny(seed)
+    return AudioLMAdapter(name=model, recipe=recipe, model=net, processor=processor,
                           device=device, dtype=dtype, weights=f"random seed={seed}")
   from transformers import AutoConfig, AutoProcessor  # pylint: disable=import-outside-toplevel
   try:
     config = AutoConfig.from_pretrained(model)
   except (OSError, ValueError) as e:
     raise ValueError(f"cannot load model {model!r}: {e}") from None
-  if config.model_type not in family.model_types:
-    raise ValueError(f"{model!r} is a {config.model_type!r} model, not {family.name} "
-                     f"(model types {list(family.model_types)})")
-  net = family.model_class().from_pretrained(model, dtype=seamless.torch_dtype(dtype))
+  if config.model_type not in recipe.model_types:
+    raise ValueError(f"{model!r} is a {config.model_type!r} model, not {recipe.name} "
+                     f"(model types {list(recipe.model_types)})")
+  net = recipe.model_class().from_pretrained(model, dtype=seamless.torch_dtype(dtype))
   processor = AutoProcessor.from_pretrained(model)
-  return AudioLMAdapter(name=model, family=family, model=net, processor=processor,
+  return AudioLMAdapter(name=model, recipe=recipe, model=net, processor=processor,
                         device=device, dtype=dtype, weights=model)
 
 

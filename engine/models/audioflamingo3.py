@@ -75,7 +75,7 @@ def layout(adapter, batch: dict, audios):
   return qwen2_audio.whisper_layout(batch["input_features_mask"].sum(-1).tolist(), owners)
 
 
-FAMILY = audio_lm.Family(
+RECIPE = audio_lm.Recipe(
     name="audioflamingo3", model_types=("audioflamingo3",), tiny_names=("audioflamingo3-tiny",),
     build_tiny=build_tiny, model_class=model_class, parts=parts, body=lambda m: m.model,
     layout=layout)
@@ -83,4 +83,4 @@ FAMILY = audio_lm.Family(
 
 def load(model: str, **kwargs) -> audio_lm.AudioLMAdapter:
   """'audioflamingo3-tiny' (random, offline) or e.g. 'nvidia/audio-flamingo-3-hf'."""
-  return audio_lm.load(FAMILY, model, **kwargs)
+  return audio_lm.load(RECIPE, model, **kwargs)

@@ -117,7 +117,7 @@ def layout(adapter, batch: dict, audios):
   return frames, tokens
 
 
-FAMILY = audio_lm.Family(
+RECIPE = audio_lm.Recipe(
     name="qwen2_5_omni", model_types=("qwen2_5_omni_thinker", "qwen2_5_omni"),
     tiny_names=("qwen2.5-omni-tiny", "qwen2_5-omni-tiny"), build_tiny=build_tiny,
     model_class=model_class, parts=parts, body=lambda m: m.model, layout=layout)
@@ -125,4 +125,4 @@ FAMILY = audio_lm.Family(
 
 def load(model: str, **kwargs) -> audio_lm.AudioLMAdapter:
   """'qwen2.5-omni-tiny' (random, offline) or e.g. 'Qwen/Qwen2.5-Omni-7B' (its thinker)."""
-  return audio_lm.load(FAMILY, model, **kwargs)
+  return audio_lm.load(RECIPE, model, **kwargs)

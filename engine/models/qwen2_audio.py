@@ -68,7 +68,7 @@ def layout(adapter, batch: dict, audios):
   return whisper_layout(batch["feature_attention_mask"].sum(-1).tolist())
 
 
-FAMILY = audio_lm.Family(
+RECIPE = audio_lm.Recipe(
     name="qwen2_audio", model_types=("qwen2_audio",), tiny_names=("qwen2-audio-tiny",),
     build_tiny=build_tiny, model_class=model_class, parts=parts, body=lambda m: m.model,
     layout=layout)
@@ -76,4 +76,4 @@ FAMILY = audio_lm.Family(
 
 def load(model: str, **kwargs) -> audio_lm.AudioLMAdapter:
   """'qwen2-audio-tiny' (random, offline) or e.g. 'Qwen/Qwen2-Audio-7B-Instruct'."""
-  return audio_lm.load(FAMILY, model, **kwargs)
+  return audio_lm.load(RECIPE, model, **kwargs)

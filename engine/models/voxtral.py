@@ -147,7 +147,7 @@ def layout(adapter, batch: dict, audios):
   return frames, tokens
 
 
-FAMILY = audio_lm.Family(
+RECIPE = audio_lm.Recipe(
     name="voxtral", model_types=("voxtral",), tiny_names=("voxtral-tiny",),
     build_tiny=build_tiny, model_class=model_class, parts=parts, body=lambda m: m.model,
     layout=layout, speech_inputs=speech_inputs, text_prompt=text_prompt)
@@ -155,4 +155,4 @@ FAMILY = audio_lm.Family(
 
 def load(model: str, **kwargs) -> audio_lm.AudioLMAdapter:
   """'voxtral-tiny' (random, offline) or e.g. 'mistralai/Voxtral-Mini-3B-2507'."""
-  return audio_lm.load(FAMILY, model, **kwargs)
+  return audio_lm.load(RECIPE, model, **kwargs)
