@@ -58,7 +58,7 @@ def bench_model(model: str, corpus, batch_size: int, device: str, dtype: str) ->
   import torch
   from engine.extract import extract
   from engine.models import get_adapter
-  from engine.models.seamless import resolve_device
+  from engine.models.common import resolve_device
   device = str(resolve_device(device))
   t = time.perf_counter()
   adapter = get_adapter(model, device=device, dtype=dtype)

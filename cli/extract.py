@@ -2,7 +2,7 @@
 
   python -m cli.extract --model=seamless-tiny --languages=eng,deu --output_dir=/tmp/acts
   python -m cli.extract --model=facebook/seamless-m4t-v2-large --source=fleurs \
-      --fleurs_dir=/data/fleurs --dtype=bfloat16 --batch_size=32 --output_dir=/data/acts
+      --fleurs_dir=/data/fleurs --model_dtype=bfloat16 --batch_size=32 --output_dir=/data/acts
 
 Re-running the same command resumes an interrupted run. Errors are printed as one line and
 the exit status is 1.
@@ -19,7 +19,9 @@ from cli.errors import one_line
 
 FLAGS = flags.FLAGS
 flags.adopt_module_key_flags(corpus_flags)  # listed by --help with this module's own
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Model dtype.")
+flags.DEFINE_enum("model_dtype", "float32", ["float32", "bfloat16", "float16"],
+                  "Dtype the model runs in (as cli.sweep's --model_dtype).")
+flags.DEFINE_alias("dtype", "model_dtype")  # deprecated spelling of --model_dtype
 flags.DEFINE_string("output_dir", None, "Activation store directory (created or resumed).")
 flags.mark_flag_as_required("output_dir")
 
@@ -53,11 +55,11 @@ def extract_from_flags() -> str:
 
   from engine.extract import extract  # pylint: disable=import-outside-toplevel
   from engine.models import get_adapter  # pylint: disable=import-outside-toplevel
-  from engine.models.seamless import resolve_device  # pylint: disable=import-outside-toplevel
+  from engine.models.common import resolve_device  # pylint: disable=import-outside-toplevel
   datasets.disable_progress_bars()
   layers = parse_layers(FLAGS.layers)
   corpus = load_corpus()
-  adapter = get_adapter(FLAGS.model, device=str(resolve_device(FLAGS.device)), dtype=FLAGS.dtype)
+  adapter = get_adapter(FLAGS.model, device=str(resolve_device(FLAGS.device)), dtype=FLAGS.model_dtype)
   report = extract(adapter, corpus, FLAGS.output_dir, modalities=FLAGS.modalities,
                    sites=FLAGS.sites, layers=layers, pooling=FLAGS.pooling,
                    batch_size=FLAGS.batch_size, max_speech_seconds=FLAGS.max_speech_seconds,

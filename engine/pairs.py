@@ -31,27 +31,13 @@ from typing import Iterable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
-MODALITIES = ("text", "speech")
+from engine.models.base import MODALITIES, SITE_MAP_ROLES
+
 PLANS = ("all", "cross_modal", "cross_lingual_text", "cross_lingual_speech", "adaptor",
          "cross_layer")
 FAMILIES = ("cross_modal", "cross_lingual_text", "cross_lingual_speech", "cross_modal_lingual",
             "adaptor", "cross_layer", "cross_site")
 ALIGN_RULES = ("relative", "index")
-SITE_MAP_ROLES = ("text", "speech", "pre_adaptor", "post_adaptor")
-
-# The site pairing of each model family we ship an adapter for (engine/models). The speech side
-# lists the adaptor's input and output too (Seamless: the length adaptor; SALMONN: Whisper's
-# output and the window-level Q-Former's), so the cross-modal plan also scores the text side's
-# last layer against speech before and after it, which the adaptor analysis needs.
-DEFAULT_SITE_MAPS: dict[str, dict] = {
-    "seamless": {"text": "text_encoder",
-                 "speech": ("speech_encoder", "pre_adaptor", "post_adaptor"),
-                 "pre_adaptor": "pre_adaptor", "post_adaptor": "post_adaptor"},
-    "sonar": {"text": ("text_encoder", "sentence_embedding"),
-              "speech": ("speech_encoder", "sentence_embedding")},
-    "salmonn": {"text": "llm", "speech": ("llm", "whisper", "qformer"),
-                "pre_adaptor": "whisper", "post_adaptor": "qformer"},
-}
 
 
 class RepKey(NamedTuple):
@@ -107,20 +93,9 @@ def as_keys(keys: Iterable) -> list[RepKey]:
   return out
 
 
-def default_site_map(model: str, keys: Iterable | None = None) -> dict:
-  """The declared site pairing for a model name ('seamless-tiny', 'facebook/sonar...', ...).
-
-  With `keys`, sites no representation has are dropped (and roles left empty), so a sweep over
-  a subset of sites can still use the default.
-  """
-  low = model.lower()
-  family = next((f for f in DEFAULT_SITE_MAPS if f in low), None)
-  if family is None:
-    raise ValueError(f"no default site_map for model {model!r}; pass one explicitly, e.g. "
-                     "{'text': 'text_encoder', 'speech': 'speech_encoder'}")
-  site_map = dict(DEFAULT_SITE_MAPS[family])
-  if keys is None:
-    return site_map
+def restrict_site_map(site_map: Mapping, keys: Iterable) -> dict:
+  """A site map keeping only the sites some representation has (roles left empty are dropped),
+  so a sweep over a subset of sites can still use a model's declared map."""
   keys = as_keys(keys)
   out = {}
   for role in site_map:
@@ -129,6 +104,14 @@ def default_site_map(model: str, keys: Iterable | None = None) -> dict:
     if kept:
       out[role] = kept[0] if isinstance(site_map[role], str) else tuple(kept)
   return out
+
+
+def default_site_map(model: str, keys: Iterable | None = None) -> dict:
+  """Deprecated: the model family's declared map (`engine.models.site_map_of`), restricted
+  to `keys` when given. Take the map from the adapter (`adapter.site_map`) instead."""
+  from engine.models import site_map_of  # pylint: disable=import-outside-toplevel
+  site_map = site_map_of(model)
+  return site_map if keys is None else restrict_site_map(site_map, keys)
 
 
 def _sites_of(keys: Sequence[RepKey], modality: str) -> list[str]:

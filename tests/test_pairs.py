@@ -166,10 +166,21 @@ def test_joined_plans_skip_pairs_already_planned():
   assert everything == P.make_plan("all", keys, site_map=SITE_MAP)
 
 
-def test_default_site_maps_follow_the_keys():
+def test_site_maps_are_restricted_to_the_keys():
   keys = seamless_keys()
-  assert P.default_site_map("facebook/seamless-m4t-v2-large") == P.DEFAULT_SITE_MAPS["seamless"]
+  assert P.restrict_site_map(SITE_MAP, keys) == SITE_MAP
   no_adaptor = [k for k in keys if "adaptor" not in k[2]]
+  assert P.restrict_site_map(SITE_MAP, no_adaptor) == {
+      "text": "text_encoder", "speech": ("speech_encoder",)}
+  speech_only = [k for k in keys if k[1] == "speech"]
+  assert P.restrict_site_map(SITE_MAP, speech_only) == {
+      role: sites for role, sites in SITE_MAP.items() if role != "text"}
+
+
+def test_default_site_map_is_the_family_map():
+  from engine.models import site_map_of
+  assert P.default_site_map("facebook/seamless-m4t-v2-large") == site_map_of("seamless-tiny")
+  no_adaptor = [k for k in seamless_keys() if "adaptor" not in k[2]]
   assert P.default_site_map("seamless-tiny", no_adaptor) == {
       "text": "text_encoder", "speech": ("speech_encoder",)}
   with pytest.raises(ValueError, match="'whisper-large'"):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from engine.models import get_adapter
-from engine.models import seamless
+from engine.models import bpe, common, seamless
 from engine.models.pooling import POOLINGS, pool
 
 SENTENCES = ["The sun is shining today.", "Hi!", "My brother lives in a small house near the river."]
@@ -167,13 +167,13 @@ def test_tokenizer_covers_every_default_script(v2):
     ids = v2.tokenizer(text, src_lang=language)["input_ids"]
     assert unk not in ids, (language, v2.tokenizer.convert_ids_to_tokens(ids))
     assert ids[0] == v2.tokenizer.convert_tokens_to_ids(f"__{language}__")
-  for sentence in seamless.bundled_sentences():
+  for sentence in bpe.bundled_sentences():
     assert unk not in v2.tokenizer(sentence, src_lang="eng")["input_ids"], sentence
 
 
 def test_tokenizer_is_deterministic_and_learns_merges():
   a, b = seamless.tiny_tokenizer(), seamless.tiny_tokenizer()
-  assert seamless.tokenizer_digest(a) == seamless.tokenizer_digest(b)
+  assert common.tokenizer_digest(a) == common.tokenizer_digest(b)
   assert len(a) <= seamless.TINY_VOCAB
   pieces = a.tokenize("The sun is shining today.")
   assert len(pieces) < len("The sun is shining today.")  # subwords, not characters

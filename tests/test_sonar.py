@@ -8,7 +8,7 @@ from engine.data import FEATURES, load_bundled
 from engine.extract import extract
 from engine.models import get_adapter
 from engine.models.pooling import pool
-from engine.models.seamless import bundled_sentences
+from engine.models.bpe import bundled_sentences
 from engine.store import Key, open_store
 from engine.models import sonar
 

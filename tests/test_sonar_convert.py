@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.models import convert_sonar, sonar
+from engine.models import convert_sonar, sonar, sonar_modules
 
 D, FFN, HEADS, VOCAB, LAYERS = 16, 32, 4, 40, 2
 
@@ -225,7 +225,7 @@ def test_speech_config_is_read_from_shapes(speech):
   assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads) == (D, LAYERS, HEADS)
   assert (cfg.intermediate_size, cfg.conv_depthwise_kernel_size) == (FFN, KERNEL)
   assert cfg.feature_projection_input_dim == FEAT and cfg.position_embeddings_type == "relative"
-  assert pool_cfg == sonar.PoolerConfig(dim=D, layers=POOL_LAYERS, heads=HEADS, ffn_dim=POOL_FFN,
+  assert pool_cfg == sonar_modules.PoolerConfig(dim=D, layers=POOL_LAYERS, heads=HEADS, ffn_dim=POOL_FFN,
                                         num_embeddings=EMB_ROWS, bos_idx=2)
 
 

@@ -33,7 +33,7 @@ from engine import analysis, extract, pairs, sharding, store, svcca
 from engine import sweep as S
 from engine.models import seamless
 seamless.model_class("v2")
-seamless._tiny_tokenizer_json(seamless.TINY_MERGES)
+seamless.tiny_tokenizer()
 config = eval(sys.argv[1])
 print("ready", flush=True)
 for line in sys.stdin:

@@ -23,18 +23,17 @@ encoder frames and audio tokens are laid out per clip (`Chunk`s).
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import inspect
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from engine.models import seamless
-from engine.models.base import Adapter, Capture, Site
+from engine.models import bpe, common
+from engine.models.base import Capture, Family, Site
 
 ENCODER_SITE = "audio_encoder"
 PROJECTOR_SITE = "projector"
@@ -65,11 +64,25 @@ class Parts:
 
 
 @dataclasses.dataclass(frozen=True)
+class TypedFamily(Family):
+  """A family card that claims only its random offline names: real weights are recognised by
+  their config's model_type (engine.models.registry), never by a substring of their name."""
+
+  def claims(self, model: str) -> bool:
+    return self.random_match(model) is not None
+
+
+def family_card(name: str, tiny_names: Sequence[str], model_types: Sequence[str]) -> TypedFamily:
+  """The card of an audio-language family: the recipe's site map, its tiny names, its types."""
+  pattern = "^(?:" + "|".join(n.replace(".", r"\.") for n in tiny_names) + ")$"
+  return TypedFamily(name=name, random=pattern, site_map=dict(SITE_MAP),
+                     model_types=tuple(model_types))
+
+
+@dataclasses.dataclass(frozen=True)
 class Recipe:
   """What one model family contributes to the recipe."""
-  name: str
-  model_types: tuple[str, ...]  # config.model_type values this family claims
-  tiny_names: tuple[str, ...]
+  family: Family
   build_tiny: Callable[[int], tuple[nn.Module, object]]  # seed -> (model, processor)
   model_class: Callable[[], type]  # the class from_pretrained loads
   parts: Callable[[nn.Module], Parts]
@@ -86,28 +99,7 @@ def conversation(content: dict) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Hooks.
-
-
-def _first(output):
-  return output[0] if isinstance(output, (tuple, list)) else output
-
-
-@contextlib.contextmanager
-def _recording(outputs: dict[nn.Module, Callable], inputs: dict[nn.Module, Callable]) -> Iterator[None]:
-  """Calls fn(output) after each module in `outputs`, fn(hidden input) before each in `inputs`."""
-  handles = []
-  try:
-    for module, fn in outputs.items():
-      handles.append(module.register_forward_hook(
-          lambda m, a, out, fn=fn: fn(_first(out))))
-    for module, fn in inputs.items():
-      handles.append(module.register_forward_pre_hook(
-          lambda m, a, kw, fn=fn: fn(a[0] if a else kw["hidden_states"]), with_kwargs=True))
-    yield
-  finally:
-    for h in handles:
-      h.remove()
+# Per-clip rows.
 
 
 def gather(hidden: torch.Tensor, chunks: Sequence[Chunk], clips: int) -> Capture:
@@ -134,33 +126,37 @@ def gather(hidden: torch.Tensor, chunks: Sequence[Chunk], clips: int) -> Capture
   return Capture(out, mask)
 
 
+def whisper_layout(mel_lengths: Sequence[int], owners: Sequence[int] | None = None):
+  """(frames, tokens) chunks of a Whisper-style encoder: mel frames -> stride-2 conv -> 2x
+  average pooling; chunk i belongs to clip owners[i] (default: clip i)."""
+  frames, tokens = [], []
+  for i, n in enumerate(int(x) for x in mel_lengths):
+    owner = i if owners is None else owners[i]
+    after_conv = (n - 1) // 2 + 1
+    pooled = (after_conv - 2) // 2 + 1
+    frames.append(Chunk(owner, after_conv, after_conv))
+    tokens.append(Chunk(owner, pooled, pooled))
+  return frames, tokens
+
+
 # ---------------------------------------------------------------------------------------------
 # The adapter.
 
 
-class AudioLMAdapter(Adapter):
+class AudioLMAdapter(common.TorchAdapter):
   """An audio-language model behind the adapter interface, through its own processor."""
 
   def __init__(self, *, name: str, recipe: Recipe, model: nn.Module, processor,
                device: str = "cpu", dtype: str = "float32", weights: str = ""):
-    self.name = name
+    super().__init__(name=name, tokenizer=processor.tokenizer, device=device, dtype=dtype,
+                     weights=weights)
+    self.family = recipe.family
     self.recipe = recipe
     self.processor = processor
-    self.device = seamless.resolve_device(device)
-    self.dtype = seamless.torch_dtype(dtype)
-    self.model = model.to(self.device, self.dtype).eval()
+    self.model = self.place(model)
     self.parts = recipe.parts(self.model)
     self.body = recipe.body(self.model)
-    self.weights = weights
     self._accepted = set(inspect.signature(self.body.forward).parameters)
-
-  @property
-  def tokenizer(self):
-    return self.processor.tokenizer
-
-  @functools.cached_property
-  def _tokenizer_digest(self) -> str:
-    return seamless.tokenizer_digest(self.tokenizer)
 
   @property
   def audio_token_id(self) -> int:
@@ -246,7 +242,7 @@ class AudioLMAdapter(Adapter):
               if k in self._accepted}
     if "input_features" in kwargs:
       kwargs["input_features"] = kwargs["input_features"].to(self.dtype)
-    with torch.inference_mode(), _recording(outputs, inputs):
+    with torch.inference_mode(), common.hooks(outputs, inputs):
       self.body(**kwargs, use_cache=False)
     return got
 
@@ -294,12 +290,8 @@ class AudioLMAdapter(Adapter):
 
   def describe(self) -> dict:
     return {
-        "name": self.name, "family": self.recipe.name, "weights": self.weights,
-        "dtype": str(self.dtype).replace("torch.", ""), "device": str(self.device),
-        "model_type": getattr(self.model.config, "model_type", None),
+        **super().describe(), "model_type": getattr(self.model.config, "model_type", None),
         "processor": type(self.processor).__name__,
-        "tokenizer": {"class": type(self.tokenizer).__name__, "size": len(self.tokenizer),
-                      "digest": self._tokenizer_digest},
         "text_prompt": self.render({"type": "text", "text": "{sentence}"}),
         "mask": "content span only: the sentence's tokens (text), the audio tokens (speech)",
         "layer_convention": "audio_encoder: 0 = block input, l = block l output; llm: 0 = input "
@@ -314,9 +306,10 @@ class AudioLMAdapter(Adapter):
 
 def load(recipe: Recipe, model: str, device: str = "cpu", dtype: str = "float32", *,
          seed: int = 0) -> AudioLMAdapter:
-  """A tiny random build (one of `family.tiny_names`) or real weights from a hub id or local
-  directory whose config's model_type the family claims."""
-  if model.strip().lower() in recipe.tiny_names:
+  """A tiny random build (a name the family card's `random` pattern matches) or real weights
+  from a hub id or local directory whose config's model_type the family claims."""
+  card = recipe.family
+  if card.random_match(model):
     net, processor = recipe.build_tiny(seed)
     return AudioLMAdapter(name=model, recipe=recipe, model=net, processor=processor,
                           device=device, dtype=dtype, weights=f"random seed={seed}")
@@ -325,10 +318,10 @@ def load(recipe: Recipe, model: str, device: str = "cpu", dtype: str = "float32"
     config = AutoConfig.from_pretrained(model)
   except (OSError, ValueError) as e:
     raise ValueError(f"cannot load model {model!r}: {e}") from None
-  if config.model_type not in recipe.model_types:
-    raise ValueError(f"{model!r} is a {config.model_type!r} model, not {recipe.name} "
-                     f"(model types {list(recipe.model_types)})")
-  net = recipe.model_class().from_pretrained(model, dtype=seamless.torch_dtype(dtype))
+  if config.model_type not in card.model_types:
+    raise ValueError(f"{model!r} is a {config.model_type!r} model, not {card.name} "
+                     f"(model types {list(card.model_types)})")
+  net = recipe.model_class().from_pretrained(model, dtype=common.torch_dtype(dtype))
   processor = AutoProcessor.from_pretrained(model)
   return AudioLMAdapter(name=model, recipe=recipe, model=net, processor=processor,
                         device=device, dtype=dtype, weights=model)
@@ -352,7 +345,7 @@ def _byte_level_json(specials: tuple[str, ...], vocab_size: int) -> str:
   from transformers import Qwen2Tokenizer  # pylint: disable=import-outside-toplevel
   base = Qwen2Tokenizer(vocab={"<|endoftext|>": 0}, merges=[], unk_token=None, bos_token=None,
                         eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-  tok = base.train_new_from_iterator(seamless.bundled_sentences(), vocab_size=vocab_size,
+  tok = base.train_new_from_iterator(bpe.bundled_sentences(), vocab_size=vocab_size,
                                      new_special_tokens=list(specials))
   return tok.backend_tokenizer.to_str()
 

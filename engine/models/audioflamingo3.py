@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from engine.models import audio_lm, qwen2_audio
+from engine.models import audio_lm
 
 SPECIALS = ("<|im_start|>", "<|im_end|>", "<sound>")
 TINY_VOCAB = 4096
@@ -72,13 +72,12 @@ def layout(adapter, batch: dict, audios):
   owners = []
   for i, a in enumerate(audios):
     owners += [i] * min(windows, max(1, -(-len(a) // WINDOW_SAMPLES)))
-  return qwen2_audio.whisper_layout(batch["input_features_mask"].sum(-1).tolist(), owners)
+  return audio_lm.whisper_layout(batch["input_features_mask"].sum(-1).tolist(), owners)
 
 
-RECIPE = audio_lm.Recipe(
-    name="audioflamingo3", model_types=("audioflamingo3",), tiny_names=("audioflamingo3-tiny",),
-    build_tiny=build_tiny, model_class=model_class, parts=parts, body=lambda m: m.model,
-    layout=layout)
+FAMILY = audio_lm.family_card("audioflamingo3", ("audioflamingo3-tiny",), ("audioflamingo3",))
+RECIPE = audio_lm.Recipe(family=FAMILY, build_tiny=build_tiny, model_class=model_class,
+                         parts=parts, body=lambda m: m.model, layout=layout)
 
 
 def load(model: str, **kwargs) -> audio_lm.AudioLMAdapter:

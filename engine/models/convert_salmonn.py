@@ -1,4 +1,4 @@
-"""The released SALMONN checkpoint -> `engine.models.salmonn.SalmonnModel`.
+"""The released SALMONN checkpoint -> `engine.models.salmonn_modules.SalmonnModel`.
 
 SALMONN's .pth (`{'model': state}`) holds only what SALMONN trained; Whisper, BEATs and
 Vicuna come from their own releases. Key mapping (LAVIS BERT Q-Former -> transformers
@@ -22,12 +22,14 @@ non-LoRA LLaMA weights (Vicuna is loaded from its own checkpoint).
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 import warnings
 from typing import Callable, Mapping
 
 import torch
+
+from engine.models import common
+from engine.models.salmonn_modules import SalmonnModel
 
 _QF = r"^speech_Qformer\.bert\.encoder\.layer\.(\d+)\."
 RULES = (
@@ -54,19 +56,7 @@ DROPPED = (
 
 def model_state(checkpoint) -> dict[str, torch.Tensor]:
   """A SALMONN .pth path, a {'model': state} dict or a state dict -> the flat state dict."""
-  source = checkpoint
-  if isinstance(checkpoint, (str, os.PathLike)):
-    path = os.fspath(checkpoint)
-    if not os.path.exists(path):
-      raise ValueError(f"SALMONN checkpoint file {path!r} does not exist")
-    try:
-      checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # pylint: disable=broad-except
-      checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-  if not isinstance(checkpoint, Mapping):
-    raise ValueError(f"SALMONN checkpoint {source!r} is not a mapping of tensors")
-  state = checkpoint.get("model", checkpoint)
-  return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+  return common.model_state(checkpoint, what="SALMONN")
 
 
 @dataclasses.dataclass
@@ -130,14 +120,13 @@ def shapes(state: Mapping[str, torch.Tensor]) -> Shapes:
 
 def build_model(checkpoint, whisper: torch.nn.Module, llama: torch.nn.Module, *,
                 qformer_heads: int = 12, lora_alpha: float = 32.0,
-                beats: Callable | None = None):
+                beats: Callable | None = None) -> SalmonnModel:
   """SalmonnModel around pretrained Whisper encoder and `LlamaModel`, with the checkpoint's
   Q-Former, projection, layer norms and LoRA weights. Heads and LoRA alpha are not in the
   shapes: SALMONN uses BERT-base's 12 heads and lora_alpha=32."""
   # pylint: disable=import-outside-toplevel
   import peft
   from transformers import Blip2QFormerConfig, Blip2QFormerModel
-  from engine.models.salmonn import SalmonnModel
   converted = convert(model_state(checkpoint))
   s = shapes(converted.state)
   if s.whisper_dim != whisper.config.d_model:

@@ -1,4 +1,5 @@
-"""SONAR checkpoints (fairseq2 key layout) -> the transformers/torch modules of engine.models.sonar.
+"""SONAR checkpoints (fairseq2 key layout) -> transformers' `M2M100Encoder` and the torch modules
+of engine.models.sonar_modules.
 
 Text encoder (fairseq2 `SonarTextTransformerEncoderModel`) -> `M2M100Encoder`:
   encoder_frontend.embed            -> embed_tokens (control rows reordered, see below)
@@ -31,13 +32,13 @@ to the fairseq2 layout, as SONAR's own loader does.
 """
 from __future__ import annotations
 
-import os
 import re
 from typing import Mapping
 
 import torch
 
-from engine.models import sonar
+from engine.models import common
+from engine.models.sonar_modules import PoolerConfig, SonarSpeechEncoder
 
 # Rows of the fairseq2 embedding table that land at transformers' indices 0..3.
 CONTROL_ROWS = (2, 0, 3, 1)
@@ -128,20 +129,7 @@ IGNORED = (r"\.freqs$", r"_float_tensor$", r"(^|\.)version$", r"^encoder\.w2v_mo
 
 def model_state(checkpoint) -> dict[str, torch.Tensor]:
   """A checkpoint path, a {'model': state} dict or a state dict -> the flat state dict."""
-  source = checkpoint
-  if isinstance(checkpoint, (str, os.PathLike)):
-    path = os.fspath(checkpoint)
-    if not os.path.exists(path):
-      raise ValueError(f"SONAR checkpoint file {path!r} does not exist")
-    try:
-      checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # pylint: disable=broad-except
-      # fairseq2 checkpoints may pickle their config next to the tensors.
-      checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-  if not isinstance(checkpoint, Mapping):
-    raise ValueError(f"SONAR checkpoint {source!r} is not a mapping of tensors")
-  state = checkpoint.get("model", checkpoint)
-  return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+  return common.model_state(checkpoint, what="SONAR")
 
 
 def rename(state: Mapping[str, torch.Tensor], rules, *, what: str,
@@ -246,17 +234,17 @@ def speech_config(state: Mapping[str, torch.Tensor], *, pooler_heads: int = 16):
       attention_dropout=0.0, feat_proj_dropout=0.0, conformer_conv_dropout=0.0, layerdrop=0.0,
       mask_time_prob=0.0, add_adapter=False, use_intermediate_ffn_before_adapter=False)
   embed = state["pooler.embed.weight"]
-  pooler = sonar.PoolerConfig(
+  pooler = PoolerConfig(
       dim=embed.shape[1], layers=_layer_count(state, _POOL), heads=pooler_heads,
       ffn_dim=state[_POOL + "0.linear1.weight"].shape[0], num_embeddings=embed.shape[0])
   return config, pooler
 
 
-def load_speech_encoder(checkpoint, *, pooler_heads: int = 16) -> sonar.SonarSpeechEncoder:
+def load_speech_encoder(checkpoint, *, pooler_heads: int = 16) -> SonarSpeechEncoder:
   """fairseq2 SONAR speech encoder checkpoint -> `SonarSpeechEncoder` with its weights."""
   state = speech_state_dict(checkpoint)
   config, pooler = speech_config(state, pooler_heads=pooler_heads)
-  encoder = sonar.SonarSpeechEncoder(config, pooler)
+  encoder = SonarSpeechEncoder(config, pooler)
   _check_complete(encoder, state, what="SONAR speech encoder")
   encoder.load_state_dict(state, strict=False)
   return encoder.eval()

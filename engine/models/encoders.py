@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.models import seamless
-from engine.models.base import Adapter, Capture, Site
+from engine.models import audio_lm, bpe, common
+from engine.models.base import Capture, Site
 
 TEXT_SITE = "text_encoder"
 SPEECH_SITE = "speech_encoder"
@@ -41,18 +41,17 @@ class Encoder:
   from_pretrained: Callable[[str, torch.dtype], tuple[nn.Module, object]]
 
 
-class EncoderAdapter(Adapter):
+class EncoderAdapter(common.TorchAdapter):
   """A text-only or speech-only encoder behind the adapter interface."""
 
   def __init__(self, *, name: str, encoder: Encoder, model: nn.Module, preprocessor,
                device: str = "cpu", dtype: str = "float32", weights: str = ""):
-    self.name = name
+    super().__init__(name=name, tokenizer=preprocessor if encoder.modality == "text" else None,
+                     device=device, dtype=dtype, weights=weights)
+    self.family = FAMILY
     self.encoder = encoder
     self.preprocessor = preprocessor
-    self.device = seamless.resolve_device(device)
-    self.dtype = seamless.torch_dtype(dtype)
-    self.model = model.to(self.device, self.dtype).eval()
-    self.weights = weights
+    self.model = self.place(model)
 
   @property
   def modality(self) -> str:
@@ -74,7 +73,6 @@ class EncoderAdapter(Adapter):
     if modality != self.modality:
       return False
     if self.encoder.name == "nllb":
-      from engine.models.sonar import nllb_code  # pylint: disable=import-outside-toplevel
       try:
         code = nllb_code(language)
       except ValueError:
@@ -97,7 +95,6 @@ class EncoderAdapter(Adapter):
     tok = self.preprocessor
     kw = {}
     if self.encoder.name == "nllb":
-      from engine.models.sonar import nllb_code  # pylint: disable=import-outside-toplevel
       tok.src_lang = nllb_code(language)
     batch = tok(list(texts), padding=True, return_tensors="pt", **kw)
     ids = batch["input_ids"].to(self.device)
@@ -136,18 +133,19 @@ class EncoderAdapter(Adapter):
     with torch.inference_mode():
       out = self.model(**inputs, output_hidden_states=True)
     width = out.hidden_states[0].shape[1]
-    mask = seamless.lengths_mask(lengths.to(self.device).long(), width)
+    mask = torch.arange(width, device=self.device)[None, :] < lengths.to(self.device)[:, None]
     return self._captures(out.hidden_states, mask)
 
   def describe(self) -> dict:
-    digest = None
+    tokenizer = None
     if self.modality == "text":
-      digest = {"class": type(self.preprocessor).__name__, "size": len(self.preprocessor),
-                "digest": seamless.tokenizer_digest(self.preprocessor)}
-    return {"name": self.name, "family": self.encoder.name, "modality": self.modality,
-            "weights": self.weights, "dtype": str(self.dtype).replace("torch.", ""),
-            "device": str(self.device), "model_type": self.model.config.model_type,
-            "tokenizer": digest,
+      tokenizer = {"class": type(self.tokenizer).__name__, "size": len(self.tokenizer),
+                   "digest": self._tokenizer_digest}
+    return {"name": self.name, "family": FAMILY.name, "encoder": self.encoder.name,
+            "modality": self.modality, "weights": self.weights,
+            "dtype": str(self.dtype).replace("torch.", ""), "device": str(self.device),
+            "model_type": self.model.config.model_type, "tokenizer": tokenizer,
+            "preprocessor": type(self.preprocessor).__name__,
             "layer_convention": "transformers hidden_states: 0 = embeddings / feature "
                                 "projection, L = last layer output",
             "sites": [dataclasses.asdict(s) for s in self.sites()]}
@@ -158,8 +156,26 @@ class EncoderAdapter(Adapter):
 
 
 def _seeded(build: Callable[[], nn.Module], seed: int) -> nn.Module:
-  from engine.models.audio_lm import seeded  # pylint: disable=import-outside-toplevel
-  return seeded(build, seed)
+  return audio_lm.seeded(build, seed)
+
+
+def nllb_code(language: str) -> str:
+  """Canonical code -> NLLB code ('eng' -> 'eng_Latn'), from engine.data's language table."""
+  from engine.data import languages  # pylint: disable=import-outside-toplevel
+  return languages.get_language(language).nllb
+
+
+def tiny_nllb_tokenizer():
+  """A real `NllbTokenizer` built offline: NLLB's <s>=0, <pad>=1, </s>=2, <unk>=3 and
+  language codes over the bundled-corpus BPE, NFKC-normalised as NLLB's SentencePiece is."""
+  from transformers import NllbTokenizer  # pylint: disable=import-outside-toplevel
+  tokens, merges = bpe.bundled_tokens()
+  vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
+  for token in tokens:
+    vocab.setdefault(token, len(vocab))
+  tokenizer = NllbTokenizer(vocab=vocab, merges=merges)
+  tokenizer.backend_tokenizer.normalizer = bpe.normalizer()
+  return tokenizer
 
 
 def _whisper_tiny(seed: int):
@@ -209,7 +225,6 @@ def _w2v_bert_real(model: str, dtype):
 
 def _nllb_tiny(seed: int):
   from transformers import M2M100Config, M2M100Model  # pylint: disable=import-outside-toplevel
-  from engine.models.sonar import tiny_nllb_tokenizer  # pylint: disable=import-outside-toplevel
   tok = tiny_nllb_tokenizer()
   cfg = M2M100Config(vocab_size=TINY_VOCAB, d_model=32, encoder_layers=2, decoder_layers=1,
                      encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
@@ -227,8 +242,7 @@ def tiny_xlmr_tokenizer():
   """A real `XLMRobertaTokenizer` built offline: XLM-R's <s>=0, <pad>=1, </s>=2, <unk>=3 and
   a unigram model over the bundled-corpus BPE pieces (equal scores: fewest pieces win)."""
   from transformers import XLMRobertaTokenizer  # pylint: disable=import-outside-toplevel
-  from engine.models.sonar import bundled_bpe  # pylint: disable=import-outside-toplevel
-  tokens, _ = bundled_bpe()
+  tokens, _ = bpe.bundled_tokens()
   vocab = [("<s>", 0.0), ("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
   vocab += [(t, -1.0) for t in tokens if t not in {"<s>", "<pad>", "</s>", "<unk>"}]
   return XLMRobertaTokenizer(vocab=vocab)
@@ -263,6 +277,11 @@ ENCODERS = {
 }
 MODEL_TYPES = {t: e for e in ENCODERS.values() for t in e.model_types}
 TINY_NAMES = {n: e for e in ENCODERS.values() for n in e.tiny_names}
+# One card for all: a text-only encoder's stores hold no speech sites and a speech-only one's no
+# text sites, so the plans restrict the map to the side that is there (engine.pairs).
+FAMILY = audio_lm.TypedFamily(
+    name="encoders", random="^(?:" + "|".join(TINY_NAMES) + ")$",
+    site_map={"text": TEXT_SITE, "speech": SPEECH_SITE}, model_types=tuple(MODEL_TYPES))
 
 
 def load(model: str, device: str = "cpu", dtype: str = "float32", *, seed: int = 0) -> EncoderAdapter:
@@ -285,6 +304,6 @@ def load(model: str, device: str = "cpu", dtype: str = "float32", *, seed: int =
     raise ValueError(f"{model!r} is a {config.model_type!r} model, not one of the encoders "
                      f"(model types {sorted(MODEL_TYPES)})")
   enc = MODEL_TYPES[config.model_type]
-  net, pre = enc.from_pretrained(model, seamless.torch_dtype(dtype))
+  net, pre = enc.from_pretrained(model, common.torch_dtype(dtype))
   return EncoderAdapter(name=model, encoder=enc, model=net, preprocessor=pre, device=device,
                         dtype=dtype, weights=model)

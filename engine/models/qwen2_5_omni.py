@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from engine.models import audio_lm, qwen2_audio
+from engine.models import audio_lm
 
 NAMED = {"audio_token": "<|AUDIO|>", "audio_bos_token": "<|audio_bos|>",
          "audio_eos_token": "<|audio_eos|>", "image_token": "<|IMAGE|>",
@@ -113,14 +113,14 @@ def layout(adapter, batch: dict, audios):
     for start in range(0, n, window):
       kept = (min(window, n - start) - 1) // 2 + 1
       frames.append(audio_lm.Chunk(i, kept, kept))
-    tokens += qwen2_audio.whisper_layout([n], [i])[1]
+    tokens += audio_lm.whisper_layout([n], [i])[1]
   return frames, tokens
 
 
-RECIPE = audio_lm.Recipe(
-    name="qwen2_5_omni", model_types=("qwen2_5_omni_thinker", "qwen2_5_omni"),
-    tiny_names=("qwen2.5-omni-tiny", "qwen2_5-omni-tiny"), build_tiny=build_tiny,
-    model_class=model_class, parts=parts, body=lambda m: m.model, layout=layout)
+FAMILY = audio_lm.family_card("qwen2.5-omni", ("qwen2.5-omni-tiny", "qwen2_5-omni-tiny"),
+                              ("qwen2_5_omni_thinker", "qwen2_5_omni"))
+RECIPE = audio_lm.Recipe(family=FAMILY, build_tiny=build_tiny, model_class=model_class,
+                         parts=parts, body=lambda m: m.model, layout=layout)
 
 
 def load(model: str, **kwargs) -> audio_lm.AudioLMAdapter:

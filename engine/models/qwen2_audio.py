@@ -51,27 +51,14 @@ def parts(model: nn.Module) -> audio_lm.Parts:
                         list(inner.language_model.layers), inner.language_model.norm)
 
 
-def whisper_layout(mel_lengths, owners=None):
-  """Chunks of a Whisper-style encoder: mel frames -> conv stride 2 -> 2x average pooling."""
-  frames, tokens = [], []
-  for i, n in enumerate(int(x) for x in mel_lengths):
-    owner = i if owners is None else owners[i]
-    after_conv = (n - 1) // 2 + 1
-    pooled = (after_conv - 2) // 2 + 1
-    frames.append(audio_lm.Chunk(owner, after_conv, after_conv))
-    tokens.append(audio_lm.Chunk(owner, pooled, pooled))
-  return frames, tokens
-
-
 def layout(adapter, batch: dict, audios):
   del adapter, audios
-  return whisper_layout(batch["feature_attention_mask"].sum(-1).tolist())
+  return audio_lm.whisper_layout(batch["feature_attention_mask"].sum(-1).tolist())
 
 
-RECIPE = audio_lm.Recipe(
-    name="qwen2_audio", model_types=("qwen2_audio",), tiny_names=("qwen2-audio-tiny",),
-    build_tiny=build_tiny, model_class=model_class, parts=parts, body=lambda m: m.model,
-    layout=layout)
+FAMILY = audio_lm.family_card("qwen2-audio", ("qwen2-audio-tiny",), ("qwen2_audio",))
+RECIPE = audio_lm.Recipe(family=FAMILY, build_tiny=build_tiny, model_class=model_class,
+                         parts=parts, body=lambda m: m.model, layout=layout)
 
 
 def load(model: str, **kwargs) -> audio_lm.AudioLMAdapter:

@@ -23,32 +23,34 @@ LLM is causal, so sentence positions never see the template text to their right.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
 import glob
 import math
 import os
 import warnings
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from engine.models import seamless
-from engine.models.base import Adapter, Capture, Site
+from engine.models import bpe, common
+from engine.models.base import Capture, Family, Site
+from engine.models.common import SAMPLING_RATE, TorchAdapter, recording
+from engine.models.salmonn_modules import SalmonnModel
 
 WHISPER_SITE = "whisper"
 QFORMER_SITE = "qformer"
 LLM_SITE = "llm"
-SAMPLING_RATE = 16000
+FAMILY = Family(
+    name="salmonn", random=r"salmonn-tiny$",
+    site_map={"text": LLM_SITE, "speech": (LLM_SITE, WHISPER_SITE, QFORMER_SITE),
+              "pre_adaptor": WHISPER_SITE, "post_adaptor": QFORMER_SITE})
 PROMPT_TEMPLATE = "USER: <Speech><SpeechHere></Speech> {}\nASSISTANT:"
 SPEECH_SLOT = "<SpeechHere>"
 DEFAULT_INSTRUCTION = "Recognize the speech and give me the transcription."
 MASK_SCOPES = ("sentence", "all")
 TEXT_PROMPTS = ("template", "plain")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Embedding rows of the tiny LLM: fixed (>= bytes + bundled-corpus BPE), so the random weights
 # never depend on what the bundled corpus holds.
 TINY_VOCAB = 37888
@@ -79,98 +81,6 @@ class SalmonnOptions:
       raise ValueError(f"prompt_template {self.prompt_template!r} must contain {SPEECH_SLOT} once")
 
 
-def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
-  if isinstance(dtype, torch.dtype):
-    return dtype
-  if dtype not in DTYPES:
-    raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
-  return DTYPES[dtype]
-
-
-def windows(x: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
-  """[B, T, C] -> [B, W, kernel, C] windows, W = (T - kernel) // stride + 1 (SALMONN's unfold)."""
-  return x.unfold(1, kernel, stride).transpose(-1, -2)
-
-
-class SalmonnModel(nn.Module):
-  """Whisper encoder, optional BEATs channel, window-level Q-Former, projection, LoRA LLaMA.
-
-  `beats_dim` > 0 means the Q-Former was trained on Whisper+BEATs features. `beats` is then a
-  callable (waveforms [B, S], padding mask [B, S]) -> [B, T', beats_dim]; without it the BEATs
-  channels are zero, which is what SALMONN itself feeds past the end of BEATs' output.
-  """
-
-  def __init__(self, whisper: nn.Module, qformer: nn.Module, llm: nn.Module, *,
-               num_query_tokens: int = 1, beats_dim: int = 0,
-               beats: Callable | None = None):
-    super().__init__()
-    width = whisper.config.d_model
-    self.whisper = whisper
-    self.ln_speech = nn.LayerNorm(width)
-    self.beats_dim = beats_dim
-    self.ln_audio = nn.LayerNorm(beats_dim) if beats_dim else None
-    self.beats = beats
-    if qformer.config.encoder_hidden_size != width + beats_dim:
-      raise ValueError(f"Q-Former reads {qformer.config.encoder_hidden_size}-dim features but "
-                       f"Whisper ({width}) + BEATs ({beats_dim}) give {width + beats_dim}")
-    self.qformer = qformer
-    self.query_tokens = nn.Parameter(torch.zeros(1, num_query_tokens, qformer.config.hidden_size))
-    self.llm = llm
-    self.proj = nn.Linear(qformer.config.hidden_size, self.llama.config.hidden_size)
-
-  @property
-  def llama(self) -> nn.Module:
-    """The `LlamaModel` (with LoRA layers injected when wrapped by peft)."""
-    return self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
-
-  @property
-  def num_queries(self) -> int:
-    return self.query_tokens.shape[1]
-
-  def auditory(self, features: torch.Tensor, kernel: int, stride: int,
-               waveforms: torch.Tensor | None = None, wave_mask: torch.Tensor | None = None):
-    """Whisper features [B, mels, frames] -> (whisper out [B, T, C], Q-Former out [B, W*Q, H],
-    LLM input tokens [B, W*Q, D])."""
-    whisper_out = self.whisper(features).last_hidden_state
-    speech = self.ln_speech(whisper_out)
-    if self.beats_dim:
-      speech = torch.cat([speech, self._beats_channel(speech, waveforms, wave_mask)], dim=-1)
-    b = speech.shape[0]
-    win = windows(speech, kernel, stride)
-    n_windows = win.shape[1]
-    win = win.reshape(b * n_windows, kernel, speech.shape[-1])
-    queries = self.query_tokens.expand(win.shape[0], -1, -1).to(win.dtype)
-    q_out = self.qformer(query_embeds=queries, encoder_hidden_states=win).last_hidden_state
-    q_out = q_out.reshape(b, n_windows * self.num_queries, -1)
-    return whisper_out, q_out, self.proj(q_out)
-
-  def _beats_channel(self, speech, waveforms, wave_mask):
-    b, t, _ = speech.shape
-    if self.beats is None or waveforms is None:
-      return speech.new_zeros(b, t, self.beats_dim)
-    audio = self.ln_audio(self.beats(waveforms, wave_mask).to(speech.dtype))[:, :t]
-    return nn.functional.pad(audio, (0, 0, 0, t - audio.shape[1]))
-
-
-@contextlib.contextmanager
-def _recording(modules: Sequence[nn.Module]) -> Iterator[list]:
-  """Collects each module's (first) output during the forward pass inside the block."""
-  out: list = [None] * len(modules)
-
-  def hook(i):
-    def fn(module, args, output):
-      del module, args
-      out[i] = output[0] if isinstance(output, (tuple, list)) else output
-    return fn
-
-  handles = [m.register_forward_hook(hook(i)) for i, m in enumerate(modules)]
-  try:
-    yield out
-  finally:
-    for h in handles:
-      h.remove()
-
-
 # ---------------------------------------------------------------------------------------------
 # Tiny random configuration and its offline tokenizer.
 
@@ -179,8 +89,7 @@ def tiny_llama_tokenizer():
   """A real `LlamaTokenizer` built offline: LLaMA's <unk>/<s>/</s> and 256 byte-fallback
   tokens over the bundled-corpus BPE shared with the other tiny models."""
   from transformers import LlamaTokenizer  # pylint: disable=import-outside-toplevel
-  from engine.models.sonar import bundled_bpe  # pylint: disable=import-outside-toplevel
-  tokens, merges = bundled_bpe()
+  tokens, merges = bpe.bundled_tokens()
   vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
   for byte in range(256):
     vocab[f"<0x{byte:02X}>"] = len(vocab)
@@ -230,20 +139,19 @@ def build_tiny(seed: int = 0):
 # The adapter.
 
 
-class SalmonnAdapter(Adapter):
+class SalmonnAdapter(TorchAdapter):
   """SALMONN behind the adapter interface: Whisper, Q-Former and LLM sites for both modalities."""
+
+  family = FAMILY
 
   def __init__(self, *, name: str, tokenizer, feature_extractor, model: SalmonnModel,
                options: SalmonnOptions = SalmonnOptions(), device: str = "cpu",
                dtype: str = "float32", weights: dict | None = None):
-    self.name = name
-    self.tokenizer = tokenizer
+    super().__init__(name=name, tokenizer=tokenizer, device=device, dtype=dtype,
+                     weights=weights or {})
     self.features = feature_extractor
     self.options = options
-    self.device = seamless.resolve_device(device)
-    self.dtype = torch_dtype(dtype)
-    self.model = model.to(self.device, self.dtype).eval()
-    self.weights = weights or {}
+    self.model = self.place(model)
     chunk = float(feature_extractor.chunk_length)
     frames = model.whisper.config.max_source_positions  # encoder frames in one chunk (1500)
     self.chunk_seconds = chunk
@@ -254,10 +162,6 @@ class SalmonnAdapter(Adapter):
     left, right = options.prompt_template.format(options.instruction).split(SPEECH_SLOT)
     self._left = self._ids(left)
     self._right = self._ids(right)
-
-  @functools.cached_property
-  def _tokenizer_digest(self) -> str:
-    return seamless.tokenizer_digest(self.tokenizer)
 
   # -- interface ------------------------------------------------------------------------------
 
@@ -320,10 +224,7 @@ class SalmonnAdapter(Adapter):
              "present" if self.model.beats is not None else
              "absent: the Q-Former's BEATs channels are fed zeros")
     return {
-        "name": self.name, "family": "salmonn", "dtype": str(self.dtype).replace("torch.", ""),
-        "device": str(self.device), "weights": self.weights, "beats": beats,
-        "tokenizer": {"class": type(self.tokenizer).__name__, "size": len(self.tokenizer),
-                      "digest": self._tokenizer_digest},
+        **super().describe(), "beats": beats,
         "window_frames": self.kernel, "stride_frames": self.stride, "windows": self.n_windows,
         "queries_per_window": self.model.num_queries, "chunk_seconds": self.chunk_seconds,
         "prompt_template": o.prompt_template, "instruction": o.instruction,
@@ -356,7 +257,7 @@ class SalmonnAdapter(Adapter):
       mask = torch.stack([nn.functional.pad(m, (0, length - len(m))) for m in sentence])
       if self.options.mask_scope == "all":
         mask = attention
-      with _recording(list(llama.layers)) as blocks:
+      with recording(list(llama.layers)) as blocks:
         final = self.model.llm(inputs_embeds=inputs, attention_mask=attention.long()).last_hidden_state
     hidden = [inputs] + blocks[:-1] + [final]
     return {(LLM_SITE, l): Capture(h, mask) for l, h in enumerate(hidden)}
@@ -416,7 +317,7 @@ def load(model: str, device: str = "cpu", dtype: str = "float32", *, whisper: st
   Remaining keyword arguments are `SalmonnOptions` fields.
   """
   opts = _options(options)
-  if model.lower().endswith("salmonn-tiny"):
+  if FAMILY.random_match(model):
     tok, fe, net = build_tiny(seed)
     return SalmonnAdapter(name=model, tokenizer=tok, feature_extractor=fe, model=net,
                           options=opts, device=device, dtype=dtype,
@@ -426,7 +327,7 @@ def load(model: str, device: str = "cpu", dtype: str = "float32", *, whisper: st
   from engine.models import convert_salmonn
   whisper_id, llm_id, ckpt = _resolve(model, whisper, llm, checkpoint)
   state = convert_salmonn.model_state(ckpt)
-  torch_type = torch_dtype(dtype)
+  torch_type = common.torch_dtype(dtype)
   encoder = WhisperModel.from_pretrained(whisper_id, dtype=torch_type).get_encoder()
   llama = LlamaModel.from_pretrained(llm_id, dtype=torch_type)
   net = convert_salmonn.build_model(state, encoder, llama, qformer_heads=qformer_heads,

@@ -34,18 +34,17 @@ is a hub id or local directory loaded with `from_pretrained`.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
-import hashlib
-import re
-from typing import Callable, Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from engine.models.base import Adapter, Capture, Site
+from engine.models import bpe, common
+from engine.models.base import Capture, Family, Site
+from engine.models.common import TorchAdapter, hooks, setter
+from engine.models.common import resolve_device  # noqa: F401  engine.sweep's import, until the sweep split
 
 TEXT_SITE = "text_encoder"
 SPEECH_SITE = "speech_encoder"
@@ -53,9 +52,12 @@ FFN_SITE = "intermediate_ffn"
 PRE_ADAPTOR_SITE = "pre_adaptor"
 POST_ADAPTOR_SITE = "post_adaptor"
 OUTPUT_SITE = "speech_output"
-SAMPLING_RATE = 16000
-MIN_SAMPLES = 560  # two fbank windows (400 samples, hop 160), stacked into one speech frame
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+VERSIONS = {"seamless_m4t_v2": "v2", "seamless_m4t": "v1"}  # config.model_type -> version
+FAMILY = Family(
+    name="seamless", random=r"^seamless(?:-m4t)?(?:-(v1|v2))?-(tiny|mid)$",
+    model_types=tuple(VERSIONS),
+    site_map={"text": TEXT_SITE, "speech": (SPEECH_SITE, PRE_ADAPTOR_SITE, POST_ADAPTOR_SITE),
+              "pre_adaptor": PRE_ADAPTOR_SITE, "post_adaptor": POST_ADAPTOR_SITE})
 
 # SeamlessM4T's text languages: the language tokens of the offline tokenizer.
 TEXT_LANGUAGES = (
@@ -68,16 +70,6 @@ TEXT_LANGUAGES = (
     "sna", "snd", "som", "spa", "srp", "swe", "swh", "tam", "tel", "tgk", "tgl", "tha", "tur",
     "ukr", "urd", "uzn", "vie", "yor", "yue", "zlm", "zul")
 
-# Unicode blocks of the scripts of the 30 default languages (Latin with Vietnamese, Yoruba and
-# Uzbek marks, Greek, Cyrillic, Arabic, Devanagari, Bengali, Tamil, Thai, Georgian, Ethiopic,
-# kana, CJK ideographs, Hangul) plus punctuation and zero-width (non-)joiners. Every code point is taken, assigned or not,
-# so the alphabet does not depend on the Python's Unicode version.
-SCRIPT_BLOCKS = (
-    (0x0021, 0x007E), (0x00A1, 0x024F), (0x02B0, 0x036F), (0x0370, 0x03FF), (0x0400, 0x052F),
-    (0x0600, 0x06FF), (0x0750, 0x077F), (0x0900, 0x09FF), (0x0B80, 0x0BFF), (0x0E00, 0x0E7F),
-    (0x10A0, 0x10FF), (0x1200, 0x139F), (0x1E00, 0x1EFF), (0x200B, 0x205E), (0x20A0, 0x20C0),
-    (0x3001, 0x30FF), (0x4E00, 0x9FFF), (0xAC00, 0xD7A3))
-TINY_MERGES = 2000
 TINY_VOCAB = 40960  # >= alphabet + merges + language tokens: fixed, so weights never depend on it
 
 
@@ -96,81 +88,25 @@ PRESETS = {
     "tiny": Preset(hidden=32, text_layers=3, speech_layers=3, heads=4, ffn=64, conv_kernel=7),
     "mid": Preset(hidden=512, text_layers=6, speech_layers=6, heads=8, ffn=2048, conv_kernel=31),
 }
-_RANDOM_NAME = re.compile(r"^seamless(?:-m4t)?(?:-(v1|v2))?-(tiny|mid)$")
 
 
 def random_spec(model: str) -> tuple[str, str] | None:
   """'seamless-tiny' -> ('v2', 'tiny'), 'seamless-v1-mid' -> ('v1', 'mid'); None for weights."""
-  m = _RANDOM_NAME.match(model.strip().lower())
+  m = FAMILY.random_match(model)
   return None if m is None else (m.group(1) or "v2", m.group(2))
-
-
-def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
-  if isinstance(dtype, torch.dtype):
-    return dtype
-  if dtype not in DTYPES:
-    raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
-  return DTYPES[dtype]
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-  """'auto' -> cuda when available, else cpu."""
-  if str(device) == "auto":
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-  return torch.device(device)
 
 
 # ---------------------------------------------------------------------------------------------
 # Offline tokenizer.
 
 
-def script_alphabet() -> list[str]:
-  """Every code point of SCRIPT_BLOCKS except whitespace and control characters."""
-  chars = []
-  for lo, hi in SCRIPT_BLOCKS:
-    for c in range(lo, hi + 1):
-      ch = chr(c)
-      if not ch.isspace() and not (c < 0x20 or 0x7F <= c < 0xA0):
-        chars.append(ch)
-  return chars
-
-
-def bundled_sentences() -> list[str]:
-  """The text of every language of the bundled corpus that is present (merges are learned here)."""
-  from engine.data import bundled  # pylint: disable=import-outside-toplevel
-  texts = []
-  for code in bundled.bundled_languages():
-    texts.extend(bundled.read_bundled_text(code).text.values())
-  return texts
-
-
-@functools.lru_cache(maxsize=4)
-def _tiny_tokenizer_json(merges: int) -> str:
-  """Byte-pair merges learned on the bundled corpus over a fixed all-scripts alphabet."""
-  from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers  # pylint: disable=import-outside-toplevel
-  alphabet = script_alphabet()
-  tok = Tokenizer(models.BPE(unk_token="<unk>"))
-  tok.normalizer = normalizers.Sequence([normalizers.Replace(Regex(r"[\n\r\t]"), " "),
-                                         normalizers.NFKC()])
-  tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first",
-                                               split=True)
-  trainer = trainers.BpeTrainer(
-      vocab_size=4 + 1 + len(alphabet) + merges, min_frequency=2, show_progress=False,
-      special_tokens=["<pad>", "<unk>", "<s>", "</s>"], initial_alphabet=["\u2581"] + alphabet)
-  tok.train_from_iterator(bundled_sentences(), trainer=trainer)
-  return tok.to_str()
-
-
-def tiny_tokenizer(languages: Sequence[str] = TEXT_LANGUAGES, merges: int = TINY_MERGES):
+def tiny_tokenizer(languages: Sequence[str] = TEXT_LANGUAGES, merges: int = bpe.TINY_MERGES):
   """A real `SeamlessM4TTokenizer` built offline: SeamlessM4T's special tokens (<pad>=0,
   <unk>=1, <s>=2, </s>=3), `__{lang}__` language tokens, a character alphabet covering the
   scripts of all default languages, and BPE merges learned on the bundled corpus (a few tens
   of milliseconds, deterministic)."""
-  import json  # pylint: disable=import-outside-toplevel
   from transformers import SeamlessM4TTokenizer  # pylint: disable=import-outside-toplevel
-  model = json.loads(_tiny_tokenizer_json(merges))["model"]
-  vocab = dict(model["vocab"])
-  pairs = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+  vocab, pairs = bpe.bundled_bpe(merges)
   specials = [f"__{code}__" for code in languages]
   for token in specials:
     vocab.setdefault(token, len(vocab))
@@ -181,67 +117,8 @@ def tiny_tokenizer(languages: Sequence[str] = TEXT_LANGUAGES, merges: int = TINY
                               src_lang=src, tgt_lang=src)
 
 
-def tokenizer_digest(tokenizer) -> str:
-  """Names the vocabulary (and merges): stable while src_lang switches the post-processor."""
-  import json  # pylint: disable=import-outside-toplevel
-  backend = getattr(tokenizer, "_tokenizer", None)
-  if backend is not None:
-    model = json.loads(backend.to_str())["model"]
-    blob = json.dumps([model.get("vocab"), model.get("merges")], sort_keys=True)
-  else:
-    blob = repr(sorted(tokenizer.get_vocab().items()))
-  return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
-
-
 # ---------------------------------------------------------------------------------------------
-# Hooks.
-
-
-def _first(output):
-  return output[0] if isinstance(output, (tuple, list)) else output
-
-
-@contextlib.contextmanager
-def _hooks(outputs: dict, inputs: dict, edits: dict | None = None,
-           input_edits: dict | None = None) -> Iterator[None]:
-  """Records module outputs ({module: fn(output)}) and inputs ({module: fn(hidden input)});
-  `edits` ({module: fn(output) -> output}) replace a module's output, `input_edits`
-  ({module: fn(args, kwargs) -> (args, kwargs)}) its arguments."""
-  handles = []
-
-  def on_output(fn):
-    return lambda module, args, output: fn(_first(output))
-
-  def on_input(fn):
-    def hook(module, args, kwargs):
-      fn(args[0] if args else kwargs["hidden_states"])
-    return hook
-
-  def on_edit(fn):
-    return lambda module, args, output: fn(output)
-
-  def on_input_edit(fn):
-    return lambda module, args, kwargs: fn(args, kwargs)
-
-  try:
-    for module, fn in outputs.items():
-      handles.append(module.register_forward_hook(on_output(fn)))
-    for module, fn in inputs.items():
-      handles.append(module.register_forward_pre_hook(on_input(fn), with_kwargs=True))
-    for module, fn in (edits or {}).items():
-      handles.append(module.register_forward_hook(on_edit(fn)))
-    for module, fn in (input_edits or {}).items():
-      handles.append(module.register_forward_pre_hook(on_input_edit(fn), with_kwargs=True))
-    yield
-  finally:
-    for h in handles:
-      h.remove()
-
-
-def _setter(store: dict, key) -> Callable:
-  def fn(value):
-    store[key] = value
-  return fn
+# Adaptor masks.
 
 
 def lengths_mask(lengths: torch.Tensor, width: int) -> torch.Tensor:
@@ -260,29 +137,23 @@ def adaptor_mask(layer: nn.Module, mask: torch.Tensor, width: int) -> torch.Tens
 # The adapter.
 
 
-class SeamlessAdapter(Adapter):
+class SeamlessAdapter(TorchAdapter):
   """A SeamlessM4T text encoder and speech encoder behind the adapter interface."""
+
+  family = FAMILY
 
   def __init__(self, *, name: str, tokenizer, feature_extractor, text_encoder: nn.Module,
                speech_encoder: nn.Module, version: str = "v2", device: str = "cpu",
                dtype: str = "float32", weights: str = "", mask_adaptor_padding: bool = True):
-    self.name = name
+    super().__init__(name=name, tokenizer=tokenizer, device=device, dtype=dtype, weights=weights)
     self.version = version
-    self.tokenizer = tokenizer
     self.features = feature_extractor
-    self.device = resolve_device(device)
-    self.dtype = torch_dtype(dtype)
-    self.text_encoder = text_encoder.to(self.device, self.dtype).eval()
-    self.speech_encoder = speech_encoder.to(self.device, self.dtype).eval()
-    self.weights = weights
+    self.text_encoder = self.place(text_encoder)
+    self.speech_encoder = self.place(speech_encoder)
     self.mask_adaptor_padding = mask_adaptor_padding
     self._languages: dict[str, bool] = {}
 
   # -- structure ------------------------------------------------------------------------------
-
-  @functools.cached_property
-  def _tokenizer_digest(self) -> str:
-    return tokenizer_digest(self.tokenizer)  # ~1 s for a 256k vocabulary: once
 
   @property
   def adaptor_layers(self) -> list[nn.Module]:
@@ -332,26 +203,16 @@ class SeamlessAdapter(Adapter):
     enc = self.text_encoder
     layers = list(enc.layers)
     got: dict = {}
-    outputs = {layer: _setter(got, i + 1) for i, layer in enumerate(layers[:-1])}
-    with torch.inference_mode(), _hooks(outputs, {layers[0]: _setter(got, 0)}):
+    outputs = {layer: setter(got, i + 1) for i, layer in enumerate(layers[:-1])}
+    with torch.inference_mode(), hooks(outputs, {layers[0]: setter(got, 0)}):
       got[len(layers)] = enc(input_ids=ids, attention_mask=mask.long()).last_hidden_state
     return {(TEXT_SITE, l): Capture(got[l], mask) for l in range(len(layers) + 1)}
 
   def speech_features(self, audios: Sequence[np.ndarray],
                       sampling_rate: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Waveforms -> ([B, T, 160] stacked fbanks, [B, T] frame mask) on the model's device."""
-    if sampling_rate != SAMPLING_RATE:
-      raise ValueError(f"SeamlessM4T takes {SAMPLING_RATE} Hz speech; got {sampling_rate} Hz")
-    short = [i for i, a in enumerate(audios) if len(a) < MIN_SAMPLES]
-    if short:
-      raise ValueError(f"speech items {short} of this batch ({[len(audios[i]) for i in short]} "
-                       f"samples) are too short for one speech frame (at least {MIN_SAMPLES} "
-                       "samples: two 25 ms fbank windows 10 ms apart)")
-    batch = self.features([np.asarray(a, dtype=np.float32) for a in audios],
-                          sampling_rate=sampling_rate, padding=True, return_tensors="pt",
-                          return_attention_mask=True)
-    mask = batch["attention_mask"].to(self.device).bool()
-    return batch["input_features"].to(self.device, self.dtype), mask
+    return common.stacked_fbanks(self.features, audios, sampling_rate, model="SeamlessM4T",
+                                 device=self.device, dtype=self.dtype)
 
   def run_speech(self, audios: Sequence[np.ndarray], sampling_rate: int,
                  language: str) -> dict[tuple[str, int], Capture]:
@@ -380,13 +241,13 @@ class SeamlessAdapter(Adapter):
         return args, {**kwargs, "attention_mask": mask_j}
       return fn
 
-    outputs = {layer: _setter(got, (SPEECH_SITE, i + 1)) for i, layer in enumerate(layers[:-1])}
-    outputs[enc.encoder.layer_norm] = _setter(got, (SPEECH_SITE, len(layers)))
-    outputs[enc.intermediate_ffn] = _setter(got, (FFN_SITE, 0))
-    inputs = {layers[0]: _setter(got, (SPEECH_SITE, 0))}
+    outputs = {layer: setter(got, (SPEECH_SITE, i + 1)) for i, layer in enumerate(layers[:-1])}
+    outputs[enc.encoder.layer_norm] = setter(got, (SPEECH_SITE, len(layers)))
+    outputs[enc.intermediate_ffn] = setter(got, (FFN_SITE, 0))
+    inputs = {layers[0]: setter(got, (SPEECH_SITE, 0))}
     edits, input_edits = {}, {}
     if adaptors:
-      inputs[enc.adapter] = _setter(got, (PRE_ADAPTOR_SITE, 0))
+      inputs[enc.adapter] = setter(got, (PRE_ADAPTOR_SITE, 0))
       for j, layer in enumerate(adaptors):
         outputs[layer] = after_adaptor(j)
         if self.mask_adaptor_padding:
@@ -394,7 +255,7 @@ class SeamlessAdapter(Adapter):
           edits[layer.self_attn_layer_norm] = zero_padding(j)
           if j > 0:
             input_edits[layer] = own_mask(j)
-    with torch.inference_mode(), _hooks(outputs, inputs, edits, input_edits):
+    with torch.inference_mode(), hooks(outputs, inputs, edits, input_edits):
       got[(OUTPUT_SITE, 0)] = enc(input_features=features,
                                   attention_mask=mask.long()).last_hidden_state
     masks = {SPEECH_SITE: mask, FFN_SITE: mask, PRE_ADAPTOR_SITE: mask,
@@ -406,11 +267,7 @@ class SeamlessAdapter(Adapter):
   def describe(self) -> dict:
     cfg = self.speech_encoder.config
     return {
-        "name": self.name, "family": "seamless", "version": self.version,
-        "weights": self.weights, "dtype": str(self.dtype).replace("torch.", ""),
-        "device": str(self.device),
-        "tokenizer": {"class": type(self.tokenizer).__name__, "size": len(self.tokenizer),
-                      "digest": self._tokenizer_digest},
+        **super().describe(), "version": self.version,
         "adaptor": {"layers": len(self.adaptor_layers), "kernel": cfg.adaptor_kernel_size,
                     "stride": cfg.adaptor_stride} if self.adaptor_layers else None,
         "mask_adaptor_padding": self.mask_adaptor_padding,
@@ -494,11 +351,10 @@ def load(model: str, device: str = "cpu", dtype: str = "float32", *, seed: int =
       config = AutoConfig.from_pretrained(model)
     except (OSError, ValueError) as e:
       raise ValueError(f"cannot load SeamlessM4T model {model!r}: {e}") from None
-    versions = {"seamless_m4t_v2": "v2", "seamless_m4t": "v1"}
-    if config.model_type not in versions:
+    if config.model_type not in VERSIONS:
       raise ValueError(f"{model!r} is a {config.model_type!r} model, not SeamlessM4T")
-    version = versions[config.model_type]
-    full = model_class(version).from_pretrained(model, dtype=torch_dtype(dtype))
+    version = VERSIONS[config.model_type]
+    full = model_class(version).from_pretrained(model, dtype=common.torch_dtype(dtype))
     processor = AutoProcessor.from_pretrained(model)
     tokenizer, features = processor.tokenizer, processor.feature_extractor
     weights = model

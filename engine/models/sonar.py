@@ -5,10 +5,8 @@ fixed-size sentence space. Both encoders are rebuilt here from transformers/torc
 
 * text: `M2M100Encoder` (NLLB-style pre-norm transformer, input `[lang] tokens </s>`), then
   masked mean pooling over every non-pad token of the final layer-normed output;
-* speech: `Wav2Vec2BertModel` (w2v-BERT conformer over 160-dim stacked fbanks) whose
-  convolution modules are SONAR's (BatchNorm, symmetric 'same' padding), a closing LayerNorm,
-  then an attention pooler: a post-norm transformer decoder fed a single BOS token that
-  cross-attends to the encoder output, followed by a bias-free linear.
+* speech: `SonarSpeechEncoder` (engine.models.sonar_modules): a w2v-BERT conformer over
+  160-dim stacked fbanks with SONAR's convolutions, a closing LayerNorm and an attention pooler.
 
 Sites (key = (site, layer)):
 * ('text_encoder', l), l = 0..L: l=0 is the embedding output (scaled tokens + positions),
@@ -21,34 +19,33 @@ Text masks cover every non-pad token including the language token and </s>, as S
 them, so mean pooling of ('text_encoder', L) equals the text sentence embedding.
 
 Models: 'sonar-tiny' is a seeded random config of the same classes with an offline
-`NllbTokenizer` (NLLB special tokens and language codes over the BPE SeamlessM4T's tiny
-tokenizer learns on the bundled corpus) and one speech encoder shared by every language; real
+`NllbTokenizer` (NLLB special tokens and language codes over the bundled-corpus BPE of
+engine.models.bpe) and one speech encoder shared by every language; real
 weights are the transformers port of the text encoder (`from_pretrained`) or fairseq2
 checkpoints converted by engine.models.convert_sonar, one speech encoder per language.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
 import glob
-import json
-import math
 import os
-from typing import Iterator, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from engine.models import seamless
-from engine.models.base import Adapter, Capture, Site
+from engine.models import bpe, common
+from engine.models.base import Capture, Family, Site
+from engine.models.common import TorchAdapter, recording, single, stacked_fbanks
+from engine.models.sonar_modules import PoolerConfig, SonarSpeechEncoder
 
 TEXT_SITE = "text_encoder"
 SPEECH_SITE = "speech_encoder"
 EMBEDDING_SITE = "sentence_embedding"
-SAMPLING_RATE = 16000
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+FAMILY = Family(
+    name="sonar", random=r"sonar-tiny$",
+    site_map={"text": (TEXT_SITE, EMBEDDING_SITE), "speech": (SPEECH_SITE, EMBEDDING_SITE)})
 # Embedding rows of the tiny text encoder: fixed (>= BPE vocabulary + NLLB language codes +
 # <mask>), so the random weights never depend on what the bundled corpus holds.
 TINY_VOCAB = 37888
@@ -89,180 +86,23 @@ def nllb_code(language: str) -> str:
   raise ValueError(f"no NLLB code known for language {language!r}; use a canonical code like 'eng'")
 
 
-def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
-  if isinstance(dtype, torch.dtype):
-    return dtype
-  if dtype not in DTYPES:
-    raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
-  return DTYPES[dtype]
-
-
 # ---------------------------------------------------------------------------------------------
 # Offline tokenizer for the tiny config.
-
-
-def bundled_bpe() -> tuple[list[str], list[tuple[str, str]]]:
-  """(tokens, merges) of the BPE that SeamlessM4T's offline tokenizer learns on the bundled
-  corpus over a fixed all-scripts alphabet (shared, so the tiny models of all families cut
-  sentences the same way); its four special tokens come first."""
-  model = json.loads(seamless._tiny_tokenizer_json(seamless.TINY_MERGES))["model"]  # pylint: disable=protected-access
-  tokens = [t for t, _ in sorted(model["vocab"].items(), key=lambda item: item[1])]
-  merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
-  return tokens, merges
 
 
 def tiny_nllb_tokenizer():
   """A real `NllbTokenizer` built offline: NLLB's special tokens (<s>=0, <pad>=1, </s>=2,
   <unk>=3) and language codes (eng_Latn, ...) over the bundled-corpus BPE."""
-  from tokenizers import Regex, normalizers  # pylint: disable=import-outside-toplevel
   from transformers import NllbTokenizer  # pylint: disable=import-outside-toplevel
-  tokens, merges = bundled_bpe()
+  tokens, merges = bpe.bundled_tokens()
   vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
   for token in tokens:
     vocab.setdefault(token, len(vocab))
   tokenizer = NllbTokenizer(vocab=vocab, merges=merges)
-  # NFKC, as NLLB's SentencePiece normaliser (and the BPE's training) does: full-width
-  # punctuation and compatibility forms map into the alphabet.
-  tokenizer.backend_tokenizer.normalizer = normalizers.Sequence(
-      [normalizers.Replace(Regex(r"[\n\r\t]"), " "), normalizers.NFKC()])
+  tokenizer.backend_tokenizer.normalizer = bpe.normalizer()  # as the BPE was trained
   if len(tokenizer) > TINY_VOCAB:
     raise ValueError(f"offline NLLB tokenizer has {len(tokenizer)} tokens, more than TINY_VOCAB")
   return tokenizer
-
-
-# ---------------------------------------------------------------------------------------------
-# Speech encoder modules.
-
-
-class ConformerConvolution(nn.Module):
-  """SONAR's conformer convolution: LN, pointwise+GLU, 'same' depthwise conv, BatchNorm, SiLU,
-  pointwise. Same parameter names as transformers' w2v-BERT module, BatchNorm in place of its
-  depthwise LayerNorm and symmetric instead of causal padding."""
-
-  def __init__(self, hidden: int, kernel_size: int, eps: float = 1e-5):
-    super().__init__()
-    if kernel_size % 2 != 1:
-      raise ValueError(f"depthwise kernel size must be odd for 'same' padding, got {kernel_size}")
-    self.layer_norm = nn.LayerNorm(hidden, eps=eps)
-    self.pointwise_conv1 = nn.Conv1d(hidden, 2 * hidden, 1, bias=False)
-    self.glu = nn.GLU(dim=1)
-    self.depthwise_conv = nn.Conv1d(hidden, hidden, kernel_size, padding=kernel_size // 2,
-                                    groups=hidden, bias=False)
-    self.batch_norm = nn.BatchNorm1d(hidden)
-    self.activation = nn.SiLU()
-    self.pointwise_conv2 = nn.Conv1d(hidden, hidden, 1, bias=False)
-
-  def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None):
-    x = self.layer_norm(hidden_states)
-    if attention_mask is not None:  # padding must not leak into valid frames through the conv
-      x = x.masked_fill(~attention_mask.bool().unsqueeze(-1), 0.0)
-    x = self.glu(self.pointwise_conv1(x.transpose(1, 2)))
-    x = self.activation(self.batch_norm(self.depthwise_conv(x)))
-    return self.pointwise_conv2(x).transpose(1, 2)
-
-
-@dataclasses.dataclass(frozen=True)
-class PoolerConfig:
-  """SONAR's attention pooler: `layers` post-norm decoder layers over one BOS token."""
-  dim: int
-  layers: int
-  heads: int
-  ffn_dim: int
-  num_embeddings: int
-  bos_idx: int = 2
-
-
-def sinusoid_at(step: int, dim: int) -> torch.Tensor:
-  """fairseq2's sinusoidal position code at one step: sines in the first half, cosines after."""
-  half = dim // 2
-  freqs = torch.exp(torch.arange(half, dtype=torch.float64) * -math.log(10000.0) / (half - 1))
-  return torch.cat([torch.sin(step * freqs), torch.cos(step * freqs)]).float()
-
-
-class AttentionPooler(nn.Module):
-  """One BOS query (scaled embedding + position 0) through a post-norm decoder, then a bias-free
-  linear: a learned, padding-aware weighted summary of the speech encoder output."""
-
-  def __init__(self, config: PoolerConfig):
-    super().__init__()
-    self.config = config
-    self.embed = nn.Embedding(config.num_embeddings, config.dim)
-    layer = nn.TransformerDecoderLayer(config.dim, config.heads, config.ffn_dim, dropout=0.0,
-                                       activation="relu", batch_first=True, norm_first=False)
-    self.decoder = nn.TransformerDecoder(layer, config.layers)
-    self.proj = nn.Linear(config.dim, config.dim, bias=False)
-    self.register_buffer("position", sinusoid_at(0, config.dim), persistent=False)
-
-  def forward(self, encoder_out: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """[B, T, D] encoder output, [B, T] validity -> [B, D] sentence embedding."""
-    bos = self.embed.weight[self.config.bos_idx] * math.sqrt(self.config.dim)
-    query = (bos + self.position.to(bos.dtype)).expand(encoder_out.shape[0], 1, -1)
-    out = self.decoder(query, encoder_out, memory_key_padding_mask=~mask.bool())
-    return self.proj(out)[:, 0]
-
-
-class SonarSpeechEncoder(nn.Module):
-  """w2v-BERT conformer (SONAR's convolutions) + closing LayerNorm + attention pooler."""
-
-  def __init__(self, config, pooler: PoolerConfig):
-    super().__init__()
-    from transformers import Wav2Vec2BertModel  # pylint: disable=import-outside-toplevel
-    if config.position_embeddings_type != "relative":
-      raise ValueError("SONAR's conformer uses 'relative' (Transformer-XL) position encodings")
-    self.w2v = Wav2Vec2BertModel(config)
-    for layer in self.w2v.encoder.layers:
-      layer.conv_module = ConformerConvolution(config.hidden_size, config.conv_depthwise_kernel_size,
-                                               config.layer_norm_eps)
-    self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-    self.pooler = AttentionPooler(pooler)
-
-  @property
-  def num_layers(self) -> int:
-    return len(self.w2v.encoder.layers)
-
-  def forward(self, features: torch.Tensor, mask: torch.Tensor):
-    """[B, T, 160] stacked fbanks, [B, T] mask -> (L+1 hidden states, [B, D] embedding)."""
-    layers = self.w2v.encoder.layers
-    with _recording([self.w2v.feature_projection, *layers]) as states:
-      encoded = self.w2v(input_features=features, attention_mask=mask.long()).last_hidden_state
-    encoded = self.layer_norm(encoded)
-    hidden = states[:-1] + [encoded]
-    return hidden, self.pooler(encoded, mask)
-
-
-@contextlib.contextmanager
-def _recording(modules: Sequence[nn.Module]) -> Iterator[list]:
-  """Collects each module's (first) output during the forward pass inside the block."""
-  out: list = [None] * len(modules)
-
-  def hook(i):
-    def fn(module, args, output):
-      del module, args
-      out[i] = output[0] if isinstance(output, (tuple, list)) else output
-    return fn
-
-  handles = [m.register_forward_hook(hook(i)) for i, m in enumerate(modules)]
-  try:
-    yield out
-  finally:
-    for h in handles:
-      h.remove()
-
-
-@contextlib.contextmanager
-def _recording_input(module: nn.Module) -> Iterator[list]:
-  """Collects the hidden-state input of a module (e.g. the embedding output entering layer 0)."""
-  out: list = [None]
-
-  def fn(mod, args, kwargs):
-    del mod
-    out[0] = args[0] if args else kwargs["hidden_states"]
-
-  handle = module.register_forward_pre_hook(fn, with_kwargs=True)
-  try:
-    yield out
-  finally:
-    handle.remove()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,7 +157,7 @@ def build_tiny(seed: int = 0):
 # The adapter.
 
 
-class SonarAdapter(Adapter):
+class SonarAdapter(TorchAdapter):
   """SONAR text encoder + (per-language) speech encoders behind the adapter interface.
 
   `speech_encoders` maps a canonical language code to a `SonarSpeechEncoder` or to a loader
@@ -326,23 +166,18 @@ class SonarAdapter(Adapter):
   parameters.
   """
 
+  family = FAMILY
+
   def __init__(self, *, name: str, tokenizer, text_encoder: nn.Module,
                speech_encoders: Mapping[str, object], device: str = "cpu",
                dtype: str = "float32", weights: dict | None = None):
     from transformers import SeamlessM4TFeatureExtractor  # pylint: disable=import-outside-toplevel
-    self.name = name
-    self.tokenizer = tokenizer
-    self.device = seamless.resolve_device(device)
-    self.dtype = torch_dtype(dtype)
-    self.text_encoder = text_encoder.to(self.device, self.dtype).eval()
+    super().__init__(name=name, tokenizer=tokenizer, device=device, dtype=dtype,
+                     weights=weights or {})
+    self.text_encoder = self.place(text_encoder)
     self.speech_encoders = dict(speech_encoders)
     self.features = SeamlessM4TFeatureExtractor()
-    self.weights = weights or {}
     self._speech: tuple[str, SonarSpeechEncoder] | None = None
-
-  @functools.cached_property
-  def _tokenizer_digest(self) -> str:
-    return seamless.tokenizer_digest(self.tokenizer)
 
   # -- interface ------------------------------------------------------------------------------
 
@@ -373,41 +208,29 @@ class SonarAdapter(Adapter):
     mask = batch["attention_mask"].to(self.device).bool()
     enc = self.text_encoder
     with torch.inference_mode():
-      with _recording_input(enc.layers[0]) as embedded, _recording(list(enc.layers)) as blocks:
+      with recording(list(enc.layers), entering=enc.layers[0]) as states:
         final = enc(input_ids=ids, attention_mask=mask.long()).last_hidden_state
-      hidden = [embedded[0]] + blocks[:-1] + [final]
+      hidden = states[:-1] + [final]
       counts = mask.sum(dim=1, keepdim=True).to(final.dtype)
       pooled = (final * mask.unsqueeze(-1)).sum(dim=1) / counts  # SONAR's masked mean pooling
     out = {(TEXT_SITE, l): Capture(h, mask) for l, h in enumerate(hidden)}
-    out[(EMBEDDING_SITE, 0)] = _single(pooled)
+    out[(EMBEDDING_SITE, 0)] = single(pooled)
     return out
 
   def run_speech(self, audios: Sequence[np.ndarray], sampling_rate: int,
                  language: str) -> dict[tuple[str, int], Capture]:
-    if sampling_rate != SAMPLING_RATE:
-      raise ValueError(f"SONAR takes {SAMPLING_RATE} Hz speech; got sampling_rate={sampling_rate}")
-    short = [i for i, a in enumerate(audios) if len(a) < seamless.MIN_SAMPLES]
-    if short:
-      raise ValueError(f"speech items {short} of this batch are too short for one speech frame "
-                       f"(at least {seamless.MIN_SAMPLES} samples)")
+    features, mask = stacked_fbanks(self.features, audios, sampling_rate, model="SONAR",
+                                    device=self.device, dtype=self.dtype)
     encoder = self._speech_encoder(language)
-    batch = self.features([np.asarray(a, dtype=np.float32) for a in audios],
-                          sampling_rate=SAMPLING_RATE, padding=True, return_tensors="pt",
-                          return_attention_mask=True)
-    features = batch["input_features"].to(self.device, self.dtype)
-    mask = batch["attention_mask"].to(self.device).bool()
     with torch.inference_mode():
       hidden, embedding = encoder(features, mask)
     out = {(SPEECH_SITE, l): Capture(h, mask) for l, h in enumerate(hidden)}
-    out[(EMBEDDING_SITE, 0)] = _single(embedding)
+    out[(EMBEDDING_SITE, 0)] = single(embedding)
     return out
 
   def describe(self) -> dict:
     return {
-        "name": self.name, "family": "sonar", "dtype": str(self.dtype).replace("torch.", ""),
-        "device": str(self.device), "weights": self.weights,
-        "tokenizer": {"class": type(self.tokenizer).__name__, "size": len(self.tokenizer),
-                      "digest": self._tokenizer_digest},
+        **super().describe(),
         "speech_languages": sorted(self.speech_encoders),
         "text_pooling": "masked mean over all non-pad tokens ([lang] tokens </s>)",
         "speech_pooling": "attention pooler (BOS query, post-norm decoder, bias-free linear)",
@@ -427,7 +250,7 @@ class SonarAdapter(Adapter):
     self._speech = None  # release the previous encoder before loading the next one
     entry = self.speech_encoders[key]
     encoder = entry if isinstance(entry, nn.Module) else entry()
-    encoder = encoder.to(self.device, self.dtype).eval()
+    encoder = self.place(encoder)
     self._speech = (key, encoder)
     return encoder
 
@@ -436,12 +259,6 @@ class SonarAdapter(Adapter):
       return self._speech[1].num_layers
     entry = next(iter(self.speech_encoders.values()), None)
     return getattr(entry, "num_layers", 0)
-
-
-def _single(vectors: torch.Tensor) -> Capture:
-  """[B, D] -> a T=1 capture with an all-True mask."""
-  b = vectors.shape[0]
-  return Capture(vectors.unsqueeze(1), torch.ones(b, 1, dtype=torch.bool, device=vectors.device))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -493,7 +310,7 @@ def load(model: str, device: str = "cpu", dtype: str = "float32", *, speech_enco
   {language: fairseq2 checkpoint path} or a directory of '<...>_<lang>.pt' files; if omitted
   and `model` is a directory with a 'speech' subdirectory, that is used.
   """
-  if model.lower().endswith("sonar-tiny"):
+  if FAMILY.random_match(model):
     tok, text, speech = build_tiny(seed)
     return SonarAdapter(name=model, tokenizer=tok, text_encoder=text,
                         speech_encoders={"*": speech}, device=device, dtype=dtype,
@@ -505,7 +322,7 @@ def load(model: str, device: str = "cpu", dtype: str = "float32", *, speech_enco
     text = convert_sonar.load_text_encoder(model, num_heads=text_heads)
     tok = AutoTokenizer.from_pretrained(tokenizer or "facebook/nllb-200-distilled-600M")
   else:
-    text = M2M100Encoder.from_pretrained(model, dtype=torch_dtype(dtype))
+    text = M2M100Encoder.from_pretrained(model, dtype=common.torch_dtype(dtype))
     tok = AutoTokenizer.from_pretrained(tokenizer or model)
   if speech_encoders is None and os.path.isdir(os.path.join(model, "speech")):
     speech_encoders = os.path.join(model, "speech")

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.models import audio_lm, seamless
+from engine.models import audio_lm, bpe
 
 # Tekken's control tokens at their ids (the audio token is id 24, as VoxtralProcessor fixes it).
 CONTROL = ("<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
@@ -43,7 +43,7 @@ def _tekken_like_json(vocab_size: int) -> str:
   trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(CONTROL),
                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                 show_progress=False)
-  tok.train_from_iterator(seamless.bundled_sentences(), trainer=trainer)
+  tok.train_from_iterator(bpe.bundled_sentences(), trainer=trainer)
   return tok.to_str()
 
 
@@ -147,10 +147,10 @@ def layout(adapter, batch: dict, audios):
   return frames, tokens
 
 
-RECIPE = audio_lm.Recipe(
-    name="voxtral", model_types=("voxtral",), tiny_names=("voxtral-tiny",),
-    build_tiny=build_tiny, model_class=model_class, parts=parts, body=lambda m: m.model,
-    layout=layout, speech_inputs=speech_inputs, text_prompt=text_prompt)
+FAMILY = audio_lm.family_card("voxtral", ("voxtral-tiny",), ("voxtral",))
+RECIPE = audio_lm.Recipe(family=FAMILY, build_tiny=build_tiny, model_class=model_class,
+                         parts=parts, body=lambda m: m.model, layout=layout,
+                         speech_inputs=speech_inputs, text_prompt=text_prompt)
 
 
 def load(model: str, **kwargs) -> audio_lm.AudioLMAdapter:
