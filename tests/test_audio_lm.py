@@ -157,7 +157,7 @@ def test_unknown_model_type_is_refused_naming_the_model(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
   with pytest.raises(ValueError, match=rf"model '{tmp_path}' has model type 'bert'"):
     family_of(str(tmp_path))
-  with pytest.raises(ValueError, match=r"is a 'bert' model, not qwen2_audio"):
+  with pytest.raises(ValueError, match=r"is a 'bert' model, not qwen2-audio"):
     from engine.models import qwen2_audio  # pylint: disable=import-outside-toplevel
     qwen2_audio.load(str(tmp_path))
 
