@@ -70,7 +70,8 @@ def test_voxtral_inputs_follow_the_instruct_format():
   tok = a.tokenizer
   batch, _ = a.text_inputs(TEXTS[:2])
   for i, text in enumerate(TEXTS[:2]):
-    want = (tok.convert_tokens_to_ids(["<s>", "[INST]"]) + tok(text, add_special_tokens=False)["input_ids"]
+    want = (tok.convert_tokens_to_ids(["<s>", "[INST]"])
+            + tok(text, add_special_tokens=False)["input_ids"]
             + tok.convert_tokens_to_ids(["[/INST]"]))
     n = int(batch["attention_mask"][i].sum())
     assert batch["input_ids"][i, :n].tolist() == want
@@ -151,6 +152,27 @@ def test_extracts_text_and_speech_through_engine_extract(adapter, tmp_path):
                              pool(alone[("llm", 3)].hidden, alone[("llm", 3)].mask)[0].numpy(),
                              rtol=1e-4, atol=1e-5)
   assert st.load(Key("deu", "speech", "projector", 0)).shape == (3, 32)
+
+
+@pytest.mark.parametrize("model", ("qwen2-audio-tiny", "qwen2.5-omni-tiny"))
+def test_weights_in_a_local_directory_load_by_model_type(model, tmp_path):
+  """save_pretrained, then the directory (whose name says nothing) is recognised by its
+  config's model_type and loads with from_pretrained into the same activations."""
+  a = get_adapter(model)
+  a.model.save_pretrained(tmp_path)
+  a.tokenizer.save_pretrained(tmp_path)
+  a.processor.feature_extractor.save_pretrained(tmp_path)
+  if model == "qwen2-audio-tiny":
+    a.processor.save_pretrained(tmp_path)
+  else:  # Omni's processor needs torchvision to save and load: its chat template rides along
+    (tmp_path / "chat_template.jinja").write_text(a.processor.chat_template)
+  assert family_of(str(tmp_path)) == a.family.name
+  b = get_adapter(str(tmp_path))
+  assert b.weights == str(tmp_path) and b.render({"type": "audio"}) == a.render({"type": "audio"})
+  audios = clips()[:1]
+  x, y = a.run_speech(audios, 16000, "eng"), b.run_speech(audios, 16000, "eng")
+  for key in x:
+    torch.testing.assert_close(x[key].hidden, y[key].hidden)
 
 
 def test_unknown_model_type_is_refused_naming_the_model(tmp_path):

@@ -91,6 +91,7 @@ class Recipe:
   layout: Callable[[object, dict, Sequence[np.ndarray]], tuple[list[Chunk], list[Chunk]]]
   speech_inputs: Callable | None = None  # (adapter, clips) -> model inputs; default: the processor
   text_prompt: Callable | None = None  # (processor, conversation) -> str; default chat template
+  processor_from_pretrained: Callable | None = None  # model -> processor; default AutoProcessor
 
 
 def conversation(content: dict) -> list[dict]:
@@ -191,10 +192,12 @@ class AudioLMAdapter(common.TorchAdapter):
                          "its tokens cannot be told from the template's")
       prompts.append(prompt)
       spans.append((len(prefix), len(prefix) + len(text)))
-    batch = self.processor(text=prompts, padding=True, padding_side="right", return_tensors="pt")
-    enc = self.tokenizer(prompts, padding=True, padding_side="right", return_tensors="pt",
-                         return_offsets_mapping=True, add_special_tokens=False
-                         if self.recipe.text_prompt is not None else True)
+    # a family's own prompt spells its special tokens out; a chat template's output is tokenized
+    # as the processor does
+    kw = dict(padding=True, padding_side="right", return_tensors="pt",
+              add_special_tokens=self.recipe.text_prompt is None)
+    batch = self.processor(text=prompts, **kw)
+    enc = self.tokenizer(prompts, return_offsets_mapping=True, **kw)
     if not torch.equal(enc["input_ids"], batch["input_ids"]):
       raise ValueError(f"the tokenizer of {self.name} does not reproduce its processor's ids")
     offsets = enc["offset_mapping"]
@@ -217,14 +220,15 @@ class AudioLMAdapter(common.TorchAdapter):
       raise ValueError(f"the chat template of {self.name} cannot hold audio: an audio turn "
                        f"renders as {prompt[:80]!r}, without the audio token {token!r}; give a "
                        "processor whose chat template renders audio content")
-    return self.processor(text=[prompt] * len(audios), audio=[np.asarray(a, np.float32) for a in audios],
-                          sampling_rate=SAMPLING_RATE, return_tensors="pt",
+    clips = [np.asarray(a, np.float32) for a in audios]
+    return self.processor(text=[prompt] * len(clips), audio=clips, sampling_rate=SAMPLING_RATE,
+                          return_tensors="pt",
                           text_kwargs={"padding": True, "padding_side": "right"})
 
   # -- running ---------------------------------------------------------------------------------
 
   def _forward(self, batch: dict) -> dict:
-    """Runs the body with hooks; returns {('encoder', l) | ('projector', 0) | ('llm', l): tensor}."""
+    """Runs the body under hooks: {(site, layer): activations as the modules give them}."""
     got: dict = {}
     p = self.parts
 
@@ -235,7 +239,8 @@ class AudioLMAdapter(common.TorchAdapter):
     outputs[p.lm_norm] = put((LLM_SITE, len(p.lm_layers)))
     inputs = {p.lm_layers[0]: put((LLM_SITE, 0))}
     if "input_features" in batch:
-      outputs.update({layer: put((ENCODER_SITE, i + 1)) for i, layer in enumerate(p.encoder_layers)})
+      outputs.update({layer: put((ENCODER_SITE, i + 1))
+                      for i, layer in enumerate(p.encoder_layers)})
       outputs[p.projector] = put((PROJECTOR_SITE, 0))
       inputs[p.encoder_layers[0]] = put((ENCODER_SITE, 0))
     kwargs = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()
@@ -279,8 +284,8 @@ class AudioLMAdapter(common.TorchAdapter):
     is_audio = ids == self.audio_token_id
     mask = torch.zeros_like(is_audio)
     for b in range(ids.shape[0]):
-      content = [torch.arange(c.stored, device=ids.device) < c.content for c in tokens if c.owner == b]
-      content = torch.cat(content)
+      content = torch.cat([torch.arange(c.stored, device=ids.device) < c.content
+                           for c in tokens if c.owner == b])
       at = torch.nonzero(is_audio[b]).flatten()
       if len(at) != len(content):
         raise ValueError(f"{self.name}: clip {b} has {len(at)} audio tokens in its prompt but "
@@ -322,7 +327,7 @@ def load(recipe: Recipe, model: str, device: str = "cpu", dtype: str = "float32"
     raise ValueError(f"{model!r} is a {config.model_type!r} model, not {card.name} "
                      f"(model types {list(card.model_types)})")
   net = recipe.model_class().from_pretrained(model, dtype=common.torch_dtype(dtype))
-  processor = AutoProcessor.from_pretrained(model)
+  processor = (recipe.processor_from_pretrained or AutoProcessor.from_pretrained)(model)
   return AudioLMAdapter(name=model, recipe=recipe, model=net, processor=processor,
                         device=device, dtype=dtype, weights=model)
 
@@ -360,7 +365,8 @@ def tiny_qwen2_tokenizer(specials: Sequence[str], vocab_size: int = 4000, **extr
   vocab = model["model"]["vocab"]
   for added in model["added_tokens"]:
     vocab[added["content"]] = added["id"]
-  merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["model"]["merges"]]
+  merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" "))
+            for m in model["model"]["merges"]]
   tok = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None, bos_token=None,
                        eos_token="<|endoftext|>", pad_token="<|endoftext|>",
                        extra_special_tokens=extra or None)

@@ -93,10 +93,9 @@ class EncoderAdapter(common.TorchAdapter):
   def run_text(self, texts: Sequence[str], language: str) -> dict[tuple[str, int], Capture]:
     self._only("text")
     tok = self.preprocessor
-    kw = {}
     if self.encoder.name == "nllb":
       tok.src_lang = nllb_code(language)
-    batch = tok(list(texts), padding=True, return_tensors="pt", **kw)
+    batch = tok(list(texts), padding=True, return_tensors="pt")
     ids = batch["input_ids"].to(self.device)
     mask = batch["attention_mask"].to(self.device)
     with torch.inference_mode():
@@ -228,14 +227,16 @@ def _nllb_tiny(seed: int):
   tok = tiny_nllb_tokenizer()
   cfg = M2M100Config(vocab_size=TINY_VOCAB, d_model=32, encoder_layers=2, decoder_layers=1,
                      encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
-                     decoder_ffn_dim=64, max_position_embeddings=1024, pad_token_id=tok.pad_token_id,
+                     decoder_ffn_dim=64, max_position_embeddings=1024,
+                     pad_token_id=tok.pad_token_id,
                      scale_embedding=True)
   return _seeded(lambda: M2M100Model(cfg).get_encoder(), seed), tok
 
 
 def _nllb_real(model: str, dtype):
   from transformers import AutoTokenizer, M2M100Model  # pylint: disable=import-outside-toplevel
-  return M2M100Model.from_pretrained(model, dtype=dtype).get_encoder(), AutoTokenizer.from_pretrained(model)
+  return (M2M100Model.from_pretrained(model, dtype=dtype).get_encoder(),
+          AutoTokenizer.from_pretrained(model))
 
 
 def tiny_xlmr_tokenizer():
@@ -284,7 +285,8 @@ FAMILY = audio_lm.TypedFamily(
     site_map={"text": TEXT_SITE, "speech": SPEECH_SITE}, model_types=tuple(MODEL_TYPES))
 
 
-def load(model: str, device: str = "cpu", dtype: str = "float32", *, seed: int = 0) -> EncoderAdapter:
+def load(model: str, device: str = "cpu", dtype: str = "float32", *,
+         seed: int = 0) -> EncoderAdapter:
   """A tiny random encoder ('whisper-encoder-tiny', 'wav2vec2-tiny', 'w2v-bert-tiny',
   'nllb-encoder-tiny', 'xlm-r-tiny') or real weights from a hub id or local directory, told
   apart by the config's model_type (e.g. 'openai/whisper-small', 'facebook/mms-300m',

@@ -46,13 +46,11 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-def tiny_processor():
-  """The real `Qwen2_5OmniProcessor` over an offline Qwen2 tokenizer carrying Omni's named
-  multimodal tokens and Omni's 128-bin Whisper feature extractor. The class also requires image
-  and video processors; only audio and text are used, so the image processor is Qwen2-VL's PIL
-  one and the video processor is left out (Qwen2-VL's needs torchvision, not a dependency)."""
-  # pylint: disable-next=import-outside-toplevel
-  from transformers import Qwen2_5OmniProcessor, Qwen2VLImageProcessorPil, WhisperFeatureExtractor
+def audio_text_processor(tokenizer, feature_extractor, chat_template: str | None):
+  """The real `Qwen2_5OmniProcessor` for audio and text. The class also requires image and
+  video processors: the image processor is Qwen2-VL's PIL one and the video processor is left
+  out (Qwen2-VL's needs torchvision, not a dependency); neither is used here."""
+  from transformers import Qwen2_5OmniProcessor, Qwen2VLImageProcessorPil  # pylint: disable=import-outside-toplevel
 
   class AudioTextProcessor(Qwen2_5OmniProcessor):
     """Qwen2_5OmniProcessor, constructible without a video processor."""
@@ -61,10 +59,32 @@ def tiny_processor():
         return None
       return super().check_argument_for_proper_class(argument_name, argument)
 
-  tok = audio_lm.tiny_qwen2_tokenizer(SPECIALS, **NAMED)
   return AudioTextProcessor(image_processor=Qwen2VLImageProcessorPil(), video_processor=None,
-                              feature_extractor=WhisperFeatureExtractor(feature_size=MEL_BINS),
-                              tokenizer=tok, chat_template=CHAT_TEMPLATE)
+                            feature_extractor=feature_extractor, tokenizer=tokenizer,
+                            chat_template=chat_template)
+
+
+def tiny_processor():
+  """Omni's processor over an offline Qwen2 tokenizer carrying Omni's named multimodal tokens
+  and Omni's 128-bin Whisper feature extractor."""
+  from transformers import WhisperFeatureExtractor  # pylint: disable=import-outside-toplevel
+  tok = audio_lm.tiny_qwen2_tokenizer(SPECIALS, **NAMED)
+  return audio_text_processor(tok, WhisperFeatureExtractor(feature_size=MEL_BINS), CHAT_TEMPLATE)
+
+
+def processor_from_pretrained(model: str):
+  """The checkpoint's processor; without torchvision (its video processor needs it), the same
+  class over the checkpoint's tokenizer, feature extractor and chat template."""
+  from transformers import AutoProcessor, AutoTokenizer, WhisperFeatureExtractor  # pylint: disable=import-outside-toplevel
+  try:
+    processor = AutoProcessor.from_pretrained(model)
+    if hasattr(processor, "feature_extractor"):  # not a bare tokenizer
+      return processor
+  except (ImportError, OSError, TypeError, ValueError):
+    pass
+  tok = AutoTokenizer.from_pretrained(model)
+  return audio_text_processor(tok, WhisperFeatureExtractor.from_pretrained(model),
+                              getattr(tok, "chat_template", None) or CHAT_TEMPLATE)
 
 
 def build_tiny(seed: int = 0):
@@ -120,7 +140,8 @@ def layout(adapter, batch: dict, audios):
 FAMILY = audio_lm.family_card("qwen2.5-omni", ("qwen2.5-omni-tiny", "qwen2_5-omni-tiny"),
                               ("qwen2_5_omni_thinker", "qwen2_5_omni"))
 RECIPE = audio_lm.Recipe(family=FAMILY, build_tiny=build_tiny, model_class=model_class,
-                         parts=parts, body=lambda m: m.model, layout=layout)
+                         parts=parts, body=lambda m: m.model, layout=layout,
+                         processor_from_pretrained=processor_from_pretrained)
 
 
 def load(model: str, **kwargs) -> audio_lm.AudioLMAdapter:
