@@ -29,9 +29,10 @@ def adapter(request):
 
 def test_only_its_own_modality(adapter):
   sites = adapter.sites()
-  assert [s.modality for s in sites] == [adapter.modality]
-  assert family_of(adapter.name) == "encoders" and sites[0].layers == 3
   other = "text" if adapter.modality == "speech" else "speech"
+  assert [s.modality for s in sites] == [adapter.modality]
+  assert family_of(adapter.name) == f"{adapter.modality}-encoders" and sites[0].layers == 3
+  assert adapter.site_map[adapter.modality] == sites[0].name and adapter.site_map[other] == ()
   assert not adapter.supports_language("eng", other)
 
 

@@ -6,6 +6,9 @@ w2v-BERT 2.0 ('wav2vec2-bert'). Text: the NLLB / M2M100 encoder ('m2m_100'), XLM
 ('xlm-roberta'). Layers follow transformers' `hidden_states` of the encoder (l=0 the
 embeddings or feature projection, l=L the last layer's output as the model returns it).
 
+Two family cards (engine/models/speech_encoders.py, text_encoders.py) share this machinery;
+each site map has one side only, the other empty.
+
 Sites (key = (site, layer)): ('speech_encoder', l) or ('text_encoder', l), l = 0..L.
 Masks: speech, the frames that hold the clip (from the feature extractor's mask and the
 encoder's own length formula); text, every non-pad token (language code and </s> included:
@@ -22,7 +25,7 @@ import torch
 from torch import nn
 
 from engine.models import audio_lm, bpe, common
-from engine.models.base import Capture, Site
+from engine.models.base import Capture, Family, Site
 
 TEXT_SITE = "text_encoder"
 SPEECH_SITE = "speech_encoder"
@@ -44,11 +47,11 @@ class Encoder:
 class EncoderAdapter(common.TorchAdapter):
   """A text-only or speech-only encoder behind the adapter interface."""
 
-  def __init__(self, *, name: str, encoder: Encoder, model: nn.Module, preprocessor,
-               device: str = "cpu", dtype: str = "float32", weights: str = ""):
+  def __init__(self, *, name: str, family: Family, encoder: Encoder, model: nn.Module,
+               preprocessor, device: str = "cpu", dtype: str = "float32", weights: str = ""):
     super().__init__(name=name, tokenizer=preprocessor if encoder.modality == "text" else None,
                      device=device, dtype=dtype, weights=weights)
-    self.family = FAMILY
+    self.family = family
     self.encoder = encoder
     self.preprocessor = preprocessor
     self.model = self.place(model)
@@ -140,7 +143,7 @@ class EncoderAdapter(common.TorchAdapter):
     if self.modality == "text":
       tokenizer = {"class": type(self.tokenizer).__name__, "size": len(self.tokenizer),
                    "digest": self._tokenizer_digest}
-    return {"name": self.name, "family": FAMILY.name, "encoder": self.encoder.name,
+    return {"name": self.name, "family": self.family.name, "encoder": self.encoder.name,
             "modality": self.modality, "weights": self.weights,
             "dtype": str(self.dtype).replace("torch.", ""), "device": str(self.device),
             "model_type": self.model.config.model_type, "tokenizer": tokenizer,
@@ -276,36 +279,42 @@ ENCODERS = {
     "xlm_roberta": Encoder("xlm_roberta", "text", ("xlm-roberta",), ("xlm-r-tiny",),
                            _xlmr_tiny, _xlmr_real),
 }
-MODEL_TYPES = {t: e for e in ENCODERS.values() for t in e.model_types}
-TINY_NAMES = {n: e for e in ENCODERS.values() for n in e.tiny_names}
-# One card for all: a text-only encoder's stores hold no speech sites and a speech-only one's no
-# text sites, so the plans restrict the map to the side that is there (engine.pairs).
-FAMILY = audio_lm.TypedFamily(
-    name="encoders", random="^(?:" + "|".join(TINY_NAMES) + ")$",
-    site_map={"text": TEXT_SITE, "speech": SPEECH_SITE}, model_types=tuple(MODEL_TYPES))
 
 
-def load(model: str, device: str = "cpu", dtype: str = "float32", *,
+def family_card(name: str, modality: str) -> Family:
+  """The card of the speech-only or text-only encoders: their tiny names, their model types,
+  and a site map whose other side is empty (no cross-modal pairs within one of them)."""
+  members = [e for e in ENCODERS.values() if e.modality == modality]
+  names = [n for e in members for n in e.tiny_names]
+  site_map = {"text": TEXT_SITE, "speech": ()} if modality == "text" else \
+      {"text": (), "speech": SPEECH_SITE}
+  return audio_lm.TypedFamily(name=name, random="^(?:" + "|".join(names) + ")$",
+                              site_map=site_map,
+                              model_types=tuple(t for e in members for t in e.model_types))
+
+
+def load(family: Family, model: str, device: str = "cpu", dtype: str = "float32", *,
          seed: int = 0) -> EncoderAdapter:
-  """A tiny random encoder ('whisper-encoder-tiny', 'wav2vec2-tiny', 'w2v-bert-tiny',
-  'nllb-encoder-tiny', 'xlm-r-tiny') or real weights from a hub id or local directory, told
-  apart by the config's model_type (e.g. 'openai/whisper-small', 'facebook/mms-300m',
-  'facebook/w2v-bert-2.0', 'facebook/nllb-200-distilled-600M', 'FacebookAI/xlm-roberta-base')."""
+  """A tiny random encoder of the family or real weights from a hub id or local directory,
+  told apart by the config's model_type."""
+  members = [e for e in ENCODERS.values() if set(e.model_types) <= set(family.model_types)]
+  tiny = {n: e for e in members for n in e.tiny_names}
   key = model.strip().lower()
-  if key in TINY_NAMES:
-    enc = TINY_NAMES[key]
+  if key in tiny:
+    enc = tiny[key]
     net, pre = enc.build_tiny(seed)
-    return EncoderAdapter(name=model, encoder=enc, model=net, preprocessor=pre, device=device,
-                          dtype=dtype, weights=f"random seed={seed}")
+    return EncoderAdapter(name=model, family=family, encoder=enc, model=net, preprocessor=pre,
+                          device=device, dtype=dtype, weights=f"random seed={seed}")
   from transformers import AutoConfig  # pylint: disable=import-outside-toplevel
   try:
     config = AutoConfig.from_pretrained(model)
   except (OSError, ValueError) as e:
     raise ValueError(f"cannot load model {model!r}: {e}") from None
-  if config.model_type not in MODEL_TYPES:
-    raise ValueError(f"{model!r} is a {config.model_type!r} model, not one of the encoders "
-                     f"(model types {sorted(MODEL_TYPES)})")
-  enc = MODEL_TYPES[config.model_type]
+  by_type = {t: e for e in members for t in e.model_types}
+  if config.model_type not in by_type:
+    raise ValueError(f"{model!r} is a {config.model_type!r} model, not one of the "
+                     f"{family.name} (model types {sorted(by_type)})")
+  enc = by_type[config.model_type]
   net, pre = enc.from_pretrained(model, common.torch_dtype(dtype))
-  return EncoderAdapter(name=model, encoder=enc, model=net, preprocessor=pre, device=device,
-                        dtype=dtype, weights=model)
+  return EncoderAdapter(name=model, family=family, encoder=enc, model=net, preprocessor=pre,
+                        device=device, dtype=dtype, weights=model)

@@ -17,7 +17,8 @@ from engine.models.base import Adapter, Family
 
 MODULES = ("engine.models.seamless", "engine.models.sonar", "engine.models.salmonn",
            "engine.models.qwen2_audio", "engine.models.voxtral", "engine.models.qwen2_5_omni",
-           "engine.models.audioflamingo3", "engine.models.encoders")
+           "engine.models.audioflamingo3", "engine.models.speech_encoders",
+           "engine.models.text_encoders")
 
 
 def families() -> dict[str, Family]:
