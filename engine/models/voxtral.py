@@ -81,6 +81,16 @@ def build_tiny(seed: int = 0):
   return model, processor
 
 
+def processor_from_pretrained(model: str):
+  """The checkpoint's VoxtralProcessor; its Tekken tokenizer needs mistral_common."""
+  from transformers import AutoProcessor  # pylint: disable=import-outside-toplevel
+  try:
+    return AutoProcessor.from_pretrained(model)
+  except ImportError as e:
+    raise ValueError(f"model {model} ships a mistral_common (Tekken) tokenizer: install "
+                     f"mistral-common to load it ({str(e).strip().splitlines()[0]})") from None
+
+
 def model_class():
   from transformers import VoxtralForConditionalGeneration  # pylint: disable=import-outside-toplevel
   return VoxtralForConditionalGeneration
@@ -150,7 +160,8 @@ def layout(adapter, batch: dict, audios):
 FAMILY = audio_lm.family_card("voxtral", ("voxtral-tiny",), ("voxtral",))
 RECIPE = audio_lm.Recipe(family=FAMILY, build_tiny=build_tiny, model_class=model_class,
                          parts=parts, body=lambda m: m.model, layout=layout,
-                         speech_inputs=speech_inputs, text_prompt=text_prompt)
+                         speech_inputs=speech_inputs, text_prompt=text_prompt,
+                         processor_from_pretrained=processor_from_pretrained)
 
 
 def load(model: str, **kwargs) -> audio_lm.AudioLMAdapter:
