@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.models import audio_lm, bpe
+from engine.models import audio_lm
 
 # Tekken's control tokens at their ids (the audio token is id 24, as VoxtralProcessor fixes it).
 CONTROL = ("<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
@@ -43,7 +43,7 @@ def _tekken_like_json(vocab_size: int) -> str:
   trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(CONTROL),
                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                 show_progress=False)
-  tok.train_from_iterator(bpe.bundled_sentences(), trainer=trainer)
+  tok.train_from_iterator(audio_lm.corpus_sentences(), trainer=trainer)
   return tok.to_str()
 
 
