@@ -112,7 +112,7 @@ def test_speech_pooling_covers_the_audio_tokens_only(adapter):
   assert per_clip == captures[("projector", 0)].mask.sum(1).tolist()
   assert per_clip[0] > per_clip[1] > 0
   placeholders = (ids == adapter.audio_token_id).sum(1).tolist()
-  if adapter.recipe.name == "voxtral":  # a whole 30 s window of tokens; content ends with the clip
+  if adapter.family.name == "voxtral":  # a whole 30 s window of tokens; content ends with the clip
     assert placeholders == [375, 375]
     assert per_clip == [math.ceil(math.ceil(len(a) / 320) / 4) for a in audios]
   else:  # the processor emits exactly the clip's tokens
@@ -144,7 +144,7 @@ def test_extracts_text_and_speech_through_engine_extract(adapter, tmp_path):
   st = open_store(tmp_path)
   per_language = sum(s.layers for s in adapter.sites())
   assert len(st.keys()) == len(LANGUAGES) * per_language == len(report.completed)
-  assert st.metadata["model"]["family"] == adapter.recipe.name
+  assert st.metadata["model"]["family"] == adapter.family.name
   frame = corpus.to_pandas()
   rows = frame[frame.language == "swh"].sort_values("id")
   alone = adapter.run_text([rows.text.iloc[1]], "swh")

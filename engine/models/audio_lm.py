@@ -345,12 +345,18 @@ def seeded(build: Callable[[], nn.Module], seed: int) -> nn.Module:
     hf_logging.set_verbosity(verbosity)
 
 
+@functools.lru_cache(maxsize=1)
+def corpus_sentences() -> tuple[str, ...]:
+  """The bundled corpus's sentences, read once per process (the tiny tokenizers train on them)."""
+  return tuple(bpe.bundled_sentences())
+
+
 @functools.lru_cache(maxsize=8)
 def _byte_level_json(specials: tuple[str, ...], vocab_size: int) -> str:
   from transformers import Qwen2Tokenizer  # pylint: disable=import-outside-toplevel
   base = Qwen2Tokenizer(vocab={"<|endoftext|>": 0}, merges=[], unk_token=None, bos_token=None,
                         eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-  tok = base.train_new_from_iterator(bpe.bundled_sentences(), vocab_size=vocab_size,
+  tok = base.train_new_from_iterator(corpus_sentences(), vocab_size=vocab_size,
                                      new_special_tokens=list(specials))
   return tok.backend_tokenizer.to_str()
 

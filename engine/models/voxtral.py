@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.models import audio_lm, bpe
+from engine.models import audio_lm
 
 # Tekken's control tokens at their ids (the audio token is id 24, as VoxtralProcessor fixes it).
 CONTROL = ("<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
@@ -43,7 +43,7 @@ def _tekken_like_json(vocab_size: int) -> str:
   trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(CONTROL),
                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                 show_progress=False)
-  tok.train_from_iterator(bpe.bundled_sentences(), trainer=trainer)
+  tok.train_from_iterator(audio_lm.corpus_sentences(), trainer=trainer)
   return tok.to_str()
 
 
@@ -79,6 +79,16 @@ def build_tiny(seed: int = 0):
       audio_token_id=processor.audio_token_id)
   model = audio_lm.seeded(lambda: VoxtralForConditionalGeneration(config), seed)
   return model, processor
+
+
+def processor_from_pretrained(model: str):
+  """The checkpoint's VoxtralProcessor; its Tekken tokenizer needs mistral_common."""
+  from transformers import AutoProcessor  # pylint: disable=import-outside-toplevel
+  try:
+    return AutoProcessor.from_pretrained(model)
+  except ImportError as e:
+    raise ValueError(f"model {model} ships a mistral_common (Tekken) tokenizer: install "
+                     f"mistral-common to load it ({str(e).strip().splitlines()[0]})") from None
 
 
 def model_class():
@@ -150,7 +160,8 @@ def layout(adapter, batch: dict, audios):
 FAMILY = audio_lm.family_card("voxtral", ("voxtral-tiny",), ("voxtral",))
 RECIPE = audio_lm.Recipe(family=FAMILY, build_tiny=build_tiny, model_class=model_class,
                          parts=parts, body=lambda m: m.model, layout=layout,
-                         speech_inputs=speech_inputs, text_prompt=text_prompt)
+                         speech_inputs=speech_inputs, text_prompt=text_prompt,
+                         processor_from_pretrained=processor_from_pretrained)
 
 
 def load(model: str, **kwargs) -> audio_lm.AudioLMAdapter:
