@@ -25,7 +25,9 @@ flags.DEFINE_enum("stage", "compare", ["prepare", "compare"], "Which half to run
 flags.DEFINE_string("out", "benchmarks/results/conformance.json", "Results (JSON).")
 flags.DEFINE_float("tolerance", 1e-4, "Largest |difference| a check may show.")
 
-HEADS = 4  # the reference's attention heads (not recoverable from checkpoint shapes)
+# Attention heads are not recoverable from checkpoint shapes: the converter assumes SONAR's 16,
+# and the reference is built with them, so the defaults are what is checked.
+HEADS = 16
 # fairseq2's NLLB vocabulary starts (<pad>, <unk>, <s>, </s>): it inserts <pad> at 0 before
 # SentencePiece's (<unk>, <s>, </s>) (fairseq2.models.nllb.tokenizer); transformers' starts
 # (<s>, <pad>, </s>, <unk>). Written out here, apart from the converter's own table.
@@ -129,14 +131,17 @@ def compare(work: str, tolerance: float) -> dict:
     notes[name] = note
 
   text_path = os.path.join(work, "sonar_text_encoder.pt")
-  text = convert_sonar.load_text_encoder(text_path, num_heads=HEADS)
+  if reference["config"]["heads"] != HEADS:
+    raise ValueError(f"the reference has {reference['config']['heads']} attention heads; "
+                     f"build it with SONAR's {HEADS}, which the converter assumes")
+  text = convert_sonar.load_text_encoder(text_path)
   speech_path = os.path.join(work, "speech", "spenc.eng.pt")
   fs1_path = os.path.join(work, "speech_fairseq1", "spenc.v3ap.eng.pt")
   for path in (speech_path, fs1_path):
     if sonar.checkpoint_language(path) != "eng":
       raise ValueError(f"{path}: language read as {sonar.checkpoint_language(path)!r}, not 'eng'")
-  speech = convert_sonar.load_speech_encoder(speech_path, pooler_heads=HEADS)
-  speech_fs1 = convert_sonar.load_speech_encoder(fs1_path, pooler_heads=HEADS)
+  speech = convert_sonar.load_speech_encoder(speech_path)
+  speech_fs1 = convert_sonar.load_speech_encoder(fs1_path)
   adapter = sonar.SonarAdapter(name="sonar-conformance", tokenizer=sonar.tiny_nllb_tokenizer(),
                                text_encoder=text, speech_encoders={"eng": speech})
 
@@ -214,15 +219,15 @@ def compare(work: str, tolerance: float) -> dict:
   # Controls: the same comparison with one deliberate mistake must fail, so the checks above
   # can tell a wrong model from a right one.
   controls = {}
-  wrong_text = convert_sonar.load_text_encoder(text_path, num_heads=2 * HEADS)
+  wrong_text = convert_sonar.load_text_encoder(text_path, num_heads=HEADS // 2)
   wrong = sonar.SonarAdapter(name="control", tokenizer=adapter.tokenizer, text_encoder=wrong_text,
                              speech_encoders={})
-  controls["text.sentence_embedding, 8 heads for 4"] = _diff(
+  controls["text.sentence_embedding, 8 heads for 16"] = _diff(
       wrong.run_text(TEXTS["eng"], "eng")[("sentence_embedding", 0)].hidden[:, 0].numpy(), None,
       ref["text_eng_embedding"])[0]
-  wrong_speech = convert_sonar.load_speech_encoder(speech_path, pooler_heads=2 * HEADS)
+  wrong_speech = convert_sonar.load_speech_encoder(speech_path, pooler_heads=HEADS // 2)
   with torch.inference_mode():
-    controls["speech_model.sentence_embedding, pooler 8 heads for 4"] = _diff(
+    controls["speech_model.sentence_embedding, pooler 8 heads for 16"] = _diff(
         wrong_speech(stacked, mask)[1].numpy(), None, ref["speech_embedding"])[0]
     shifted = torch.cat([stacked[:, 1:], stacked[:, :1]], dim=1)  # frames one step out of line
     controls["speech_model.sentence_embedding, frames shifted by one"] = _diff(

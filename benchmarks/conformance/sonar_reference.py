@@ -37,7 +37,7 @@ from sonar.models.sonar_text import (SonarTextEncoderConfig, SonarTextEncoderFac
                                      _convert_sonar_text_encoder_checkpoint)
 
 SEED = 0
-DIM, LAYERS, HEADS, FFN = 32, 3, 4, 64
+DIM, LAYERS, HEADS, FFN = 64, 3, 16, 128  # SONAR's 16 heads, as the converter assumes
 POOLER_LAYERS, KERNEL = 2, 7
 
 
