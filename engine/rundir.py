@@ -5,7 +5,7 @@
   activations/      the activation store (engine.store); with several processes each writes
                     its own, activations.p{index}/
   checkpoints/      orbax checkpoints of the pair stage (engine.scoring)
-  results.parquet   the tidy table (engine.analysis.COLUMNS), also as results.csv
+  results.parquet   the tidy table (engine.table.COLUMNS), also as results.csv
   summary.json, plots/   written from the table by cli.report
 
 A directory holding a sweep with another identity is refused, naming the settings that differ.
