@@ -5,7 +5,10 @@ chunk it was in.
 The null (engine.null) uses one seeded set of sentence permutations for every pair of the run
 (`permutations`), so a resumed sweep scores the null of its remaining pairs exactly as an
 uninterrupted one; the checkpoints hold its per-pair mean, sd and exceedance count with the
-scores.
+scores. The score itself stays svcca.pair_scores' (the kernel's, as without a null); the
+exceedance count compares each null draw with the null kernel's own observed score, computed
+with the same arithmetic as the draws, so ties compare exactly (the two scores differ by float32
+round-off, up to ~1e-5: an SVD of U_a^T U_b there, eigenvalues of its Gram here).
 
 Bases are computed once per place for every representation there, kept while a pending chunk
 still needs them, and joined for the chunk at hand (engine.distributed.join_bases; padding is
@@ -148,14 +151,15 @@ def score_chunks(plan: Sequence[pairs.Pair], pending: Sequence[pairs.Chunk], pla
     for run, chunk in enumerate(pending, start=1):
       bases, joined = places.bases(chunk)
       idx = pairs.index_pairs([plan[p] for p in chunk.plan_index], joined)
-      if perms is None:
-        result = svcca.pair_scores(bases, idx, metric=metric, mesh=mesh)
-      else:
-        result = null.pair_null(bases, idx, perms, metric=metric, mesh=mesh)
+      result = svcca.pair_scores(bases, idx, metric=metric, mesh=mesh)
+      chance = None if perms is None else null.pair_null(bases, idx, perms, metric=metric,
+                                                         mesh=mesh)
       places.release(chunk)
       at = chunk.plan_index
-      for name in ("score", "rank_a", "rank_b", *(NULL_FIELDS if perms is not None else ())):
+      for name in ("score", "rank_a", "rank_b"):
         sweep[name][at] = getattr(result, name)
+      for name in NULL_FIELDS if chance is not None else ():
+        sweep[name][at] = getattr(chance, name)
       sweep["done"][at] = True
       step += 1
       manager.save(step, args=ocp.args.StandardSave(sweep))
@@ -168,7 +172,7 @@ def score_chunks(plan: Sequence[pairs.Pair], pending: Sequence[pairs.Chunk], pla
 
 def null_columns(sweep: dict[str, np.ndarray], permutations: int) -> dict[str, np.ndarray] | None:
   """The table's null columns (engine.null.finish: null_mean, null_sd, z, p_value) from the
-  checkpointed arrays; None when the null is off."""
+  checkpointed arrays, z from the table's score; None when the null is off."""
   if not permutations:
     return None
   return null.finish(null.NullResult(*(sweep[k] for k in null.NullResult._fields)), permutations)

@@ -79,19 +79,21 @@ def test_default_plan_end_to_end(full):
   assert f"{len(table)} pairs; summary:" in stdout
 
 
+def _keys_and_pairs(rows: pd.DataFrame) -> tuple[list[Key], np.ndarray]:
+  """The representations of table rows (first-use order) and each row's [2] indices into them."""
+  sides = [[f"{c}_{side}" for c in ("language", "modality", "site", "layer")] for side in "ab"]
+  keys = list(dict.fromkeys(Key(*r) for cols in sides for r in rows[cols].itertuples(index=False)))
+  position = {k: i for i, k in enumerate(keys)}
+  index = np.array([[position[Key(*r[:4])], position[Key(*r[4:])]]
+                    for r in rows[sides[0] + sides[1]].itertuples(index=False)])
+  return keys, index
+
+
 def test_scores_equal_the_kernel_on_stored_activations(full):
   out, _ = full
   table = pd.read_parquet(out / "results.parquet")
   store = open_store(out / rundir.STORE_DIR)
-  keys = list(dict.fromkeys(
-      Key(*row) for side in "ab" for row in
-      table[[f"language_{side}", f"modality_{side}", f"site_{side}", f"layer_{side}"]]
-      .itertuples(index=False)))
-  position = {k: i for i, k in enumerate(keys)}
-  index = np.array([[position[Key(*r[:4])], position[Key(*r[4:])]]
-                    for r in table[["language_a", "modality_a", "site_a", "layer_a",
-                                    "language_b", "modality_b", "site_b", "layer_b"]]
-                    .itertuples(index=False)])
+  keys, index = _keys_and_pairs(table)
   reps = [np.asarray(store.load(k)) for k in keys]
   expected = svcca.pairwise_svcca(reps, pairs=index, threshold=THRESHOLD)
   np.testing.assert_allclose(table.score, expected, atol=1e-5, rtol=0)
@@ -277,21 +279,14 @@ def test_null_columns_equal_the_null_kernel_on_stored_activations(full):
   assert (table.permutations == 200).all()
   store = open_store(out / rundir.STORE_DIR)
   rows = table.groupby("family").head(4)
-  keys = list(dict.fromkeys(
-      Key(*r) for side in "ab" for r in
-      rows[[f"language_{side}", f"modality_{side}", f"site_{side}", f"layer_{side}"]]
-      .itertuples(index=False)))
-  position = {k: i for i, k in enumerate(keys)}
-  index = np.array([[position[Key(*r[:4])], position[Key(*r[4:])]]
-                    for r in rows[["language_a", "modality_a", "site_a", "layer_a",
-                                   "language_b", "modality_b", "site_b", "layer_b"]]
-                    .itertuples(index=False)])
+  keys, index = _keys_and_pairs(rows)
   bases = svcca.compute_bases([np.asarray(store.load(k)) for k in keys], threshold=THRESHOLD,
                               warn=False)
   expected = null.finish(null.pair_null(bases, index, null.permutations(SENTENCES, 200, 0),
                                         metric="svcca"), 200)
-  for column in ("score", "null_mean", "null_sd", "z"):
+  for column in ("score", "null_mean", "null_sd"):
     np.testing.assert_allclose(rows[column], expected[column], rtol=0, atol=1e-5)
+  np.testing.assert_allclose(rows.z, (rows.score - rows.null_mean) / rows.null_sd, rtol=1e-9)
   np.testing.assert_allclose(rows.p_value, expected["p_value"], rtol=0, atol=1.01 / 201)
   assert (rows.p_value.to_numpy() == expected["p_value"]).mean() > 0.9
 
