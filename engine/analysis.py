@@ -3,8 +3,12 @@
 Everything here reads only the table a sweep writes (one row per scored pair), so figures and
 summaries can be redone without touching activations. Columns (`COLUMNS`):
 
-  model, site_a, layer_a, language_a, modality_a, site_b, layer_b, language_b, modality_b,
-  family, metric, score, rank_a, rank_b, n
+  model, model_a, model_b, site_a, layer_a, language_a, modality_a, site_b, layer_b,
+  language_b, modality_b, family, metric, score, rank_a, rank_b, n
+
+model_a and model_b are the models of the two sides; `model` is theirs when they are one model
+(every row of a single-model sweep), else 'model_a~model_b' (families cross_model and
+cross_model_modal of a sweep over several models).
 
 `family` is the comparison family of engine.pairs (cross_modal, cross_lingual_text, ...). In a
 cross-modal row side a is text and side b speech. Scores are similarities in [0, 1] (SVCCA,
@@ -24,10 +28,11 @@ from typing import Any, Mapping, NamedTuple, Sequence
 import numpy as np
 import pandas as pd
 
-COLUMNS = ("model", "site_a", "layer_a", "language_a", "modality_a", "site_b", "layer_b",
+COLUMNS = ("model", "model_a", "model_b", "site_a", "layer_a", "language_a", "modality_a", "site_b", "layer_b",
            "language_b", "modality_b", "family", "metric", "score", "rank_a", "rank_b", "n")
 # What the analyses read; the kernel's ranks and n are reported but not needed to re-plot.
-REQUIRED = tuple(c for c in COLUMNS if c not in ("rank_a", "rank_b", "n"))
+REQUIRED = tuple(c for c in COLUMNS if c not in ("model_a", "model_b", "rank_a", "rank_b", "n"))
+CROSS_MODEL_SEP = "~"
 CENTRAL_FAMILIES = ("cross_modal", "cross_lingual_text", "cross_lingual_speech")
 RESOURCE_ORDER = ("high", "medium", "low", "unknown")
 RESULTS_PARQUET = "results.parquet"
@@ -49,6 +54,9 @@ def validate_table(table: pd.DataFrame, source: str = "results table") -> pd.Dat
     raise ValueError(f"{source} lacks column(s) {', '.join(missing)} (has: "
                      f"{', '.join(map(str, table.columns))})")
   out = table.copy()
+  for side in ("model_a", "model_b"):  # tables written before models were compared
+    if side not in out.columns:
+      out.insert(list(out.columns).index("model") + 1 + (side == "model_b"), side, out["model"])
   for column in ("layer_a", "layer_b", "score") + tuple(
       c for c in ("rank_a", "rank_b", "n") if c in out.columns):
     values = pd.to_numeric(out[column], errors="coerce")
@@ -61,7 +69,7 @@ def validate_table(table: pd.DataFrame, source: str = "results table") -> pd.Dat
     if out[column].isna().any():
       raise ValueError(f"{source}: column {column} has empty cells")
     out[column] = out[column].astype(np.int64)
-  for column in REQUIRED:
+  for column in REQUIRED + ("model_a", "model_b"):
     if column not in ("layer_a", "layer_b", "score"):
       out[column] = out[column].astype(str)
   return out
@@ -69,14 +77,28 @@ def validate_table(table: pd.DataFrame, source: str = "results table") -> pd.Dat
 
 def results_table(plan: Sequence, score, rank_a=None, rank_b=None, *, model: str,
                   metric: str, n: int | None = None) -> pd.DataFrame:
-  """The tidy table (COLUMNS, in order) for a plan of engine.pairs and its [P] scores."""
+  """The tidy table (COLUMNS, in order) for a plan of engine.pairs and its [P] scores.
+
+  `model` is the sweep's --model: one name, or several comma-separated whose sites the plan's
+  keys name (engine.keys.model_site); each side's model is then read from its site.
+  """
+  from engine.keys import model_slug, split_site  # pylint: disable=import-outside-toplevel
   from engine.pairs import plan_frame  # pylint: disable=import-outside-toplevel
   table = plan_frame(plan)
   size = len(table)
+  names = model.split(",")
+  by_slug = {model_slug(name): name for name in names}
+  for side in ("a", "b"):
+    split = [split_site(site) for site in table[f"site_{side}"]]
+    if len(names) > 1 and any(slug not in by_slug for slug, _ in split):
+      raise ValueError(f"the plan's sites name models other than {model}")
+    table[f"model_{side}"] = [by_slug[slug] if len(names) > 1 else model for slug, _ in split]
+    table[f"site_{side}"] = [site for _, site in split]
   for name, values in (("score", score), ("rank_a", rank_a), ("rank_b", rank_b)):
     if values is not None and np.shape(values) != (size,):
       raise ValueError(f"{name} has shape {np.shape(values)}, the plan has {size} pairs")
-  table.insert(0, "model", model)
+  table.insert(0, "model", [a if a == b else f"{a}{CROSS_MODEL_SEP}{b}"
+                            for a, b in zip(table.model_a, table.model_b)])
   table["metric"] = metric
   table["score"] = np.asarray(score, np.float64)
   missing = np.full(size, -1, np.int64)
