@@ -1,9 +1,9 @@
 """FLOP counts of the all-pairs SVCCA algorithm, and the machine's measured GEMM rate to hold
 them against.
 
-Bases: one thin SVD of each centred [n, d] representation (gesdd's operation count). Pairs: U_a^T U_b (2nK^2), the Gram
-matrix M^T M (2K^3) and its Householder tridiagonalisation (~4/3 K^3; bisection is O(K^2)),
-with K the padded width the kernel actually computes with.
+Bases: one thin SVD of each centred [n, d] representation (gesdd's operation count). Pairs: U_a^T U_b (2nK^2) and the
+Householder bidiagonalisation of that K x K matrix for its singular values (~8/3 K^3; the
+values of the bidiagonal are O(K^2)), with K the padded width the kernel actually computes with.
 """
 from __future__ import annotations
 
@@ -30,8 +30,8 @@ def bases_flops(r: int, n: int, d: int) -> float:
 
 
 def pair_flops(n: int, k: int) -> float:
-  """GEMM U_a^T U_b (2nk^2), Gram M^T M (2k^3), tridiagonal reduction (~4/3 k^3)."""
-  return 2 * n * k * k + 2 * k**3 + 4 / 3 * k**3
+  """GEMM U_a^T U_b (2nk^2) and its bidiagonal reduction (~8/3 k^3)."""
+  return 2 * n * k * k + 8 / 3 * k**3
 
 
 def gemm_gflops(size: int = 2048, repeats: int = 5) -> float:

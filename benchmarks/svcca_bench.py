@@ -43,8 +43,8 @@ flags.DEFINE_integer("repeats", 3, "Timed kernel runs after the first (median re
 flags.DEFINE_float("kernel_budget_s", 300.0,
                    "Stop repeating a kernel workload once its timed runs pass this; if the first "
                    "call alone ran longer, it is the measurement (less its compile time).")
-flags.DEFINE_list("baselines", ["reference", "naive_jax", "torch", "repsim"],
-                  "Per-pair / library methods to time.")
+flags.DEFINE_list("baselines", ["numpy_once", "torch_once", "reference", "naive_jax", "torch",
+                                "repsim"], "Methods to time beside the kernel.")
 flags.DEFINE_integer("baseline_pairs", 8, "Most pairs timed per baseline and shape.")
 flags.DEFINE_float("baseline_budget_s", 60.0, "Stop timing a baseline's pairs past this (>= 2).")
 flags.DEFINE_integer("gemm_size", 2048, "Square float32 GEMM timed as the machine's ceiling.")
@@ -66,6 +66,7 @@ flags.DEFINE_integer("blas_threads", 0,
                      "same for every method; 0 leaves the libraries' defaults (--quick: 1). On "
                      "a small machine shared with other work, 2 threads thrash.")
 flags.DEFINE_string("out", "benchmarks/results", "Output directory.")
+flags.DEFINE_string("stem", "", "File name stem of the results (default svcca, svcca_quick).")
 flags.DEFINE_bool("quick", False, "Toy sizes: a smoke test of the whole benchmark.")
 flags.DEFINE_string("render", "",
                     "Re-derive the FLOP columns of an existing results JSON and rewrite it with "
@@ -77,8 +78,11 @@ flags.DEFINE_string("worker_out", "", "Internal: measure the kernel only, write 
 QUICK = {"reps": 8, "samples": [200], "dims": [32], "curve_base": (8, 200, 32),
          "curve_R": [8], "curve_n": [200], "curve_d": [32], "curve_devices": [1, 2],
          "profile_shape": (8, 200, 32), "baseline_pairs": 3, "repeats": 2}
-METHODS = ("reference", "naive_jax", "torch", "repsim")
-LABELS = {"kernel": "this kernel", "reference": "google/svcca (NumPy, per pair)",
+METHODS = ("numpy_once", "torch_once", "reference", "naive_jax", "torch", "repsim")
+ALL_PAIRS = ("numpy_once", "torch_once")  # timed on every pair, bases once
+LABELS = {"kernel": "this kernel", "numpy_once": "NumPy, bases once + batched svdvals",
+          "torch_once": "PyTorch, bases once + batched svdvals",
+          "reference": "google/svcca (NumPy, per pair)",
           "naive_jax": "naive JAX (jit per pair)", "torch": "PyTorch (per pair)",
           "repsim": "repsim (C++, all pairs)"}
 
@@ -184,7 +188,10 @@ def bench_kernel(reps, threshold: float, repeats: int, budget_s: float, mesh=Non
     pairs_s = first["first_pairs_s"] - first["compile_pairs_s"]
   r, n, d = reps.shape
   k = int(bases.u.shape[-1])
-  return {"scores": scores, "pairs": len(pairs), "padded_rank": k,
+  rank = np.asarray(bases.rank, np.float64)
+  useful = 2.0 * n * float(rank[pairs[:, 0]] @ rank[pairs[:, 1]])  # 2 n k_a k_b, actual ranks
+  return {"scores": scores, "useful_pairs_gflop": useful / 1e9,
+          "useful_pairs_gflops": useful / pairs_s / 1e9, "pairs": len(pairs), "padded_rank": k,
           "mean_rank": float(np.mean(np.asarray(bases.rank))), "ranks": np.asarray(bases.rank),
           "runs": len(runs), "bases_s": bases_s, "pairs_s": pairs_s, "total_s": bases_s + pairs_s,
           **first, **roofline_fields(r, n, d, k, bases_s, pairs_s), "devices": sharding.device_summary(mesh), "device_count": int(mesh.size)}
@@ -225,6 +232,18 @@ def bench_per_pair(method: str, reps, threshold: float, max_pairs: int, budget_s
       break
   return {"per_pair_s": statistics.median(times), "timed_pairs": len(times),
           "first_call_s": warm_s, "pairs": pairs[order[:len(times)]], "scores": np.asarray(scores)}
+
+
+def bench_bases_once(method: str, reps, threshold: float) -> dict:
+  """A like-for-like baseline over every pair, timed once (it takes ~20 s at paper scale)."""
+  from benchmarks import baselines
+  torch_device = FLAGS.torch_device if FLAGS.is_parsed() else "cpu"
+  fn = {"numpy_once": baselines.numpy_bases_once,
+        "torch_once": functools.partial(baselines.torch_bases_once, device=torch_device)}[method]
+  fn(reps[:2], threshold)  # imports and first-call set-up, not timed
+  timings: dict = {}
+  scores = fn(reps, threshold, timings=timings)
+  return {"total_s": timings["bases_s"] + timings["pairs_s"], **timings, "scores": scores}
 
 
 def bench_repsim(reps, threshold: float) -> dict:
@@ -293,6 +312,19 @@ class Runner:
            **roofline_fields(r, n, d, kernel["padded_rank"], kernel["bases_s"],
                              kernel["pairs_s"], self.gemm), "methods": {}}
     for name in baselines:
+      if name in ALL_PAIRS:
+        bkey = (name, r, n, d)
+        if bkey not in self.baseline_cache:
+          _log(f"  {name} R={r} n={n} d={d}")
+          self.baseline_cache[bkey] = bench_bases_once(name, data, cfg["threshold"])
+        res = self.baseline_cache[bkey]
+        entry = {k: v for k, v in res.items() if k != "scores"}
+        entry["max_abs_diff_vs_kernel"] = float(np.max(np.abs(res["scores"] - kernel["scores"])))
+        entry["kernel_speedup"] = entry["total_s"] / kernel["total_s"]
+        entry["bases_speedup"] = entry["bases_s"] / kernel["bases_s"]
+        entry["pairs_speedup"] = entry["pairs_s"] / kernel["pairs_s"]
+        out["methods"][name] = entry
+        continue
       if name == "repsim":
         if not bl.repsim_available():
           out["methods"][name] = {"total_s": None, "note": "not installed (pip install repsim)"}
@@ -410,13 +442,43 @@ def markdown(report: dict) -> str:
         f"{'‡' if not w['runs'] else ''} | "
         f"{_s(w['compile_bases_s'] + w['compile_pairs_s'])} | "
         + " | ".join(_method_cell(w["methods"].get(m)) for m in methods) + " |")
+  for w in report["paper"]:
+    if "useful_pairs_gflops" in w:
+      w["useful_pairs_pct_gemm"] = 100 * w["useful_pairs_gflops"] / meta["gemm_gflops"]
+  like = [m for m in methods if m in ALL_PAIRS]
+  if like:
+    lines += ["", "## Like for like: bases once, batched pair spectra", "",
+              "Each method's bases (one SVD per representation) and pair stage timed "
+              "separately, over every pair, in this run; in brackets how many times slower "
+              "than the kernel's same stage. Kernel times exclude compilation (its compile "
+              "column); the pair stage's GEMM share counts only useful FLOPs, 2 n k_a k_b "
+              "per pair at the actual kept ranks.", "",
+              "| R | n | d | kernel bases s | kernel pairs s | kernel total s | compile s | "
+              "pairs useful GFLOP/s (% GEMM) | "
+              + " | ".join(f"{LABELS[m]}: bases s / pairs s / total s | max abs diff" for m in like)
+              + " |", "|" + "---|" * (8 + 2 * len(like))]
+    for w in report["paper"]:
+      cells = []
+      for m in like:
+        e = w["methods"].get(m) or {}
+        if e.get("total_s") is None:
+          cells += ["-", "-"]
+          continue
+        cells += [f"{_s(e['bases_s'])} ({e['bases_speedup']:.1f}x) / {_s(e['pairs_s'])} "
+                  f"({e['pairs_speedup']:.1f}x) / {_s(e['total_s'])} "
+                  f"({e['kernel_speedup']:.1f}x)", f"{e['max_abs_diff_vs_kernel']:.1e}"]
+      useful = (f"{w['useful_pairs_gflops']:.0f} ({w['useful_pairs_pct_gemm']:.0f}%)"
+                if "useful_pairs_gflops" in w else "-")
+      lines.append(f"| {w['R']} | {w['n']} | {w['d']} | {_s(w['bases_s'])} | {_s(w['pairs_s'])} "
+                   f"| {_s(w['total_s'])} | {_s(w['compile_bases_s'] + w['compile_pairs_s'])} "
+                   f"| {useful} | " + " | ".join(cells) + " |")
   lines += ["", "## Roofline and agreement", "",
             f"Measured float32 GEMM (XLA, {meta['gemm_size']}^3, HIGHEST precision, "
             f"{meta['backend']}): **{meta['gemm_gflops']:.1f} "
             "GFLOP/s**. FLOPs: bases = R thin SVDs (LAPACK gesdd's count, see "
             "benchmarks/roofline.py); pairs "
-            "= per pair 2nK^2 (U_a^T U_b) + 2K^3 (Gram) + 4/3 K^3 (tridiagonal), K the padded "
-            "width computed with.", "",
+            "= per pair 2nK^2 (U_a^T U_b) + 8/3 K^3 (bidiagonalising it for its singular values), "
+            "K the padded width computed with.", "",
             "| R | n | d | bases GFLOP | bases GFLOP/s | bases % GEMM | pairs GFLOP | "
             "pairs GFLOP/s | pairs % GEMM | max abs diff vs reference (pairs) |",
             "|---|---|---|---|---|---|---|---|---|---|"]
@@ -481,7 +543,10 @@ def markdown(report: dict) -> str:
             f"PyTorch on {meta['torch_device']}, BLAS threads "
             f"{meta['blas_threads'] or 'library default'}; jax {meta['jax']}, torch "
             f"{meta['torch']}, repsim {meta['repsim']}; {meta['date']}; run took "
-            f"{meta['wall_s']:.0f} s."]
+            f"{meta['wall_s']:.0f} s; load average (1, 5, 15 min) "
+            + " at start, ".join("/".join(f"{v:.1f}" for v in meta[k]) for k in
+                                 ("load_average_start", "load_average") if k in meta)
+            + " at end (2 cores)."]
   return "\n".join(lines) + "\n"
 
 
@@ -493,6 +558,7 @@ def plot(report: dict, path: str) -> None:
   FigureCanvasAgg(fig)
   axes = fig.subplots(2, 2).ravel()
   colours = {"kernel": "#1f77b4", "bases": "#17becf", "pairs": "#9467bd", "reference": "#d62728",
+             "numpy_once": "#e377c2", "torch_once": "#7f7f7f",
              "naive_jax": "#ff7f0e", "torch": "#2ca02c", "repsim": "#8c564b"}
   base = report["meta"]["curve_base"]
   for ax, axis, key in zip(axes, ("R", "n", "d"), ("R", "n", "d")):
@@ -510,7 +576,8 @@ def plot(report: dict, path: str) -> None:
       pts = [(w[key], w["methods"][m]["total_s"]) for w in rows
              if w["methods"].get(m, {}).get("total_s")]
       if pts:
-        how = " (fitted)" if m == "repsim" else " (sampled pairs, multiplied out)"
+        how = (" (fitted)" if m == "repsim" else "" if m in ALL_PAIRS
+               else " (sampled pairs, multiplied out)")
         ax.plot(*zip(*pts), "x--", color=colours[m], label=LABELS[m] + how)
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -578,7 +645,7 @@ def _versions() -> dict:
 
 def run(cfg: dict, partial_path: str | None = None) -> dict:
   from benchmarks import kernel_profile, roofline
-  start = time.perf_counter()
+  start, load_start = time.perf_counter(), os.getloadavg()
   paper: list[dict] = []
   curves: dict[str, list] = {}
 
@@ -621,7 +688,7 @@ def run(cfg: dict, partial_path: str | None = None) -> dict:
           "gemm_size": gemm_size, "backend": jax.default_backend(),
           "device_kind": jax.devices()[0].device_kind,
           "date": time.strftime("%Y-%m-%d %H:%M"), "quick": FLAGS.quick,
-          "load_average": os.getloadavg(), **_versions(),
+          "load_average_start": load_start, "load_average": os.getloadavg(), **_versions(),
           **{k: v for k, v in cfg.items() if not k.startswith("curve_") or k == "curve_base"},
           "wall_s": time.perf_counter() - start}
   return {"meta": meta, "paper": paper, "curves": curves, "profile": profile}
@@ -678,7 +745,7 @@ def main(argv):
     worker()
     return
   os.makedirs(FLAGS.out, exist_ok=True)
-  stem = os.path.join(FLAGS.out, "svcca_quick" if FLAGS.quick else "svcca")
+  stem = os.path.join(FLAGS.out, FLAGS.stem or ("svcca_quick" if FLAGS.quick else "svcca"))
   report = _jsonable(run(cfg, stem + ".partial.json"))
   _log("writing results")
   with open(stem + ".json", "w") as f:

@@ -93,8 +93,10 @@ def sweep_from_flags() -> str:
   if jax.process_index() != 0:
     return (f"process {jax.process_index()} of {jax.process_count()}: {len(result.table)} pairs "
             "scored; process 0 writes the results")
-  lines = [f"{len(result.table)} pairs scored ({result.chunks_run} of {result.chunks} chunks in "
-           f"this run); table: {result.output_dir / 'results.parquet'} and results.csv"]
+  permutations = int(result.table.permutations.iloc[0]) if len(result.table) else 0
+  chance = f", each with a null of {permutations} permutations" if permutations else ""
+  lines = [f"{len(result.table)} pairs scored{chance} ({result.chunks_run} of {result.chunks} "
+           f"chunks in this run); table: {result.output_dir / 'results.parquet'} and results.csv"]
   if result.degenerate:
     lines.append(f"note: {result.degenerate} representations keep a rank of at least half the "
                  f"{result.n} sentences; CCA inflates their scores (use more sentences)")

@@ -180,10 +180,14 @@ def check_speech(adapter: Adapter, corpus: datasets.Dataset, index: Index,
                   max_seconds: float | None = MAX_CLIP_SECONDS) -> dict[str, bool]:
   """{language: speech usable}; a bad clip raises, missing speech is skipped (and reported)."""
   usable = {}
+  unheard = [b.code for b in blocks if not adapter.supports_language(b.code, "speech")]
+  if unheard:  # once, before any work, rather than one skip at a time
+    warnings.warn(f"{adapter.name} takes no speech in {len(unheard)} of the {len(blocks)} "
+                  f"languages ({', '.join(unheard)}): their speech is skipped")
   for block in blocks:
     key = f"{block.code}.speech"
     missing = [ids[r] for r in np.flatnonzero(index.audio_null[block.rows])]
-    if not adapter.supports_language(block.code, "speech"):
+    if block.code in unheard:
       skipped[key] = f"{adapter.name} takes no speech in this language"
     elif len(missing) == len(block.rows):
       skipped[key] = "the corpus has no audio for this language"

@@ -140,9 +140,10 @@ def _extract_model(out: Path, s: settings.Settings, store_name: Callable[[int, i
         corpus.source, mine, with_audio="speech" in corpus.modalities, split=corpus.split,
         max_sentences=corpus.max_sentences, fleurs_dir=run.fleurs_dir, cache_dir=run.cache_dir,
         among=among)
+    ids = loaded.select_columns(["id"]).to_pandas()["id"].unique()
+    settings.check_sentences(len(ids), s.scoring)  # before the model runs
     work["adapter"] = adapter = get_adapter(model.name, device=str(resolve_device(run.device)),
                                             dtype=model.dtype)
-    ids = loaded.select_columns(["id"]).to_pandas()["id"].unique()
     return {"keys": [list(k) for k in expected_keys(adapter, loaded, mine, model,
                                                      corpus.modalities)],
             "layer_counts": {site.name: site.layers for site in adapter.sites()},

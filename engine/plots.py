@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -20,11 +20,13 @@ FAMILY_STYLE = {  # label, colour
     "cross_modal": ("cross-modal (text vs speech, same language)", "#1f77b4"),
     "cross_lingual_text": ("cross-lingual, text", "#2ca02c"),
     "cross_lingual_speech": ("cross-lingual, speech", "#d62728"),
+    "cross_modal_lingual": ("text vs speech, different languages", "#9467bd"),
 }
 RESOURCE_COLOURS = {"high": "#1b9e77", "medium": "#d95f02", "low": "#7570b3", "unknown": "#999999"}
 KIND_TITLES = {"text": "text vs text", "speech": "speech vs speech",
                "text_vs_speech": "text (rows) vs speech (columns)"}
 HEATMAP_CMAP = matplotlib.colormaps["viridis"].with_extremes(bad="#e6e6e6")
+CORRECTED_CMAP = matplotlib.colormaps["RdBu_r"].with_extremes(bad="#e6e6e6")
 DPI = 130
 
 
@@ -48,46 +50,70 @@ def _integer_layers(ax, layers) -> None:
 # ----------------------------------------------------------------------------- figures
 
 
-def plot_similarity_by_layer(by_layer: pd.DataFrame, path: str | Path, *,
-                             title: str | None = None) -> Path:
-  """The central figure: mean similarity vs layer per family, bands = +-1 std across languages.
-
-  `by_layer` is analysis.similarity_by_layer for one (model, metric). Main-site series are
-  lines; other cross-modal site pairs (e.g. the adaptor's input and output against the text
-  encoder's output) are single marked points at their text layer.
-  """
-  fig = Figure(figsize=(8, 5.6), layout="constrained")
-  ax = fig.subplots()
+def _family_panel(ax, by_layer, column, spread, *, band_null: bool, offsets_from=0):
   markers = iter(["D", "^", "v", "s", "P", "X"])
   offsets = iter([0.2, -0.2, 0.4, -0.4, 0.6, -0.6])
   for family, (label, colour) in FAMILY_STYLE.items():
     rows = by_layer[by_layer.family == family]
     main = rows[rows.main].sort_values("layer")
     if len(main):
-      x, m, s = main.layer.to_numpy(), main["mean"].to_numpy(), main["std"].fillna(0).to_numpy()
-      site = (f"{main.site_a.iloc[0]} vs {main.site_b.iloc[0]}" if family == "cross_modal"
-              else main.site_a.iloc[0])
+      x, m = main.layer.to_numpy(), main[column].to_numpy(float)
+      s = main[spread].fillna(0).to_numpy(float)
+      site = (f"{main.site_a.iloc[0]} vs {main.site_b.iloc[0]}"
+              if family in ("cross_modal", "cross_modal_lingual") else main.site_a.iloc[0])
       ax.plot(x, m, "-o", color=colour, lw=2, ms=4, label=f"{label} [{site}]")
-      ax.fill_between(x, np.clip(m - s, 0, 1), np.clip(m + s, 0, 1), color=colour, alpha=0.18,
-                      lw=0)
+      ax.fill_between(x, m - s, m + s, color=colour, alpha=0.15, lw=0)
+      if band_null and main.null_mean.notna().all():
+        null, sd = main.null_mean.to_numpy(float), main.null_sd.fillna(0).to_numpy(float)
+        ax.plot(x, null, ":", color=colour, lw=1.6)
+        for edge in (null - 2 * sd, null + 2 * sd):
+          ax.plot(x, edge, "--", color=colour, lw=0.8, alpha=0.8)
     if family != "cross_modal":
       continue
     for (site_a, site_b), extra in rows[~rows.main].groupby(["site_a", "site_b"], sort=False):
       # Side by side, so points at one text layer (the adaptor's input and output) both show.
-      ax.errorbar(extra.layer + next(offsets, 0.0), extra["mean"],
-                  yerr=extra["std"].fillna(0), fmt=next(markers, "o"), color=colour,
+      ax.errorbar(extra.layer + next(offsets, 0.0), extra[column],
+                  yerr=extra[spread].fillna(0), fmt=next(markers, "o"), color=colour,
                   mfc="white", mew=1.5, ms=7, capsize=3,
-                  label=f"cross-modal: {site_a} vs {site_b} (±1 std)")
+                  label=f"cross-modal: {site_a} vs {site_b} (\u00b11 std)")
+
+
+def plot_similarity_by_layer(by_layer: pd.DataFrame, path: str | Path, *,
+                             title: str | None = None) -> Path:
+  """The central figure: mean similarity vs layer per family, bands = +-1 std across languages.
+
+  `by_layer` is analysis.similarity_by_layer for one (model, metric). Main-site series are
+  lines; other cross-modal site pairs (e.g. the adaptor's input and output against the text
+  encoder's output) are single marked points at their text layer. With a null, the left
+  panel also shows each family's chance level (dotted: mean null score; dashed: null mean
+  +-2 null sd, where a single pair of unrelated representations would score) and a right
+  panel the chance-corrected scores (score - null mean; 0 = chance).
+  """
+  null = len(by_layer) and by_layer.null_mean.notna().any()
+  fig = Figure(figsize=(13, 5.8) if null else (8, 5.6), layout="constrained")
+  axes = np.atleast_1d(fig.subplots(1, 2 if null else 1))
   metric = by_layer.metric.iloc[0] if len(by_layer) else "similarity"
-  ax.set_xlabel("layer (text layer for cross-modal pairs)")
-  ax.set_ylabel(f"{_metric_label(metric)} similarity")
-  ax.set_ylim(0, 1.02)
-  if len(by_layer):
-    _integer_layers(ax, by_layer.layer)
-    ax.set_xlim(right=max(by_layer.layer) + 0.9)
-  ax.grid(alpha=0.3)
-  ax.set_title(title or "Similarity by layer\n(mean over languages; band = \u00b11 std)")
-  fig.legend(loc="outside lower center", ncols=2, fontsize=8, frameon=False)
+  _family_panel(axes[0], by_layer, "mean", "std", band_null=bool(null))
+  axes[0].set_ylabel(f"{_metric_label(metric)} similarity")
+  if not null:
+    axes[0].set_ylim(0, 1.02)  # with a null the chance band sets the scale instead
+  axes[0].set_title("raw" + (" (dotted: null mean, dashed: null mean \u00b12 sd)"
+                             if null else ""), fontsize=10)
+  if null:
+    _family_panel(axes[1], by_layer, "corrected_mean", "corrected_std", band_null=False)
+    axes[1].axhline(0, color="black", lw=1)
+    axes[1].set_ylabel(f"{_metric_label(metric)} \u2212 null mean (chance-corrected)")
+    axes[1].set_title("chance-corrected (0 = chance)", fontsize=10)
+  for ax in axes:
+    ax.set_xlabel("layer (text layer for cross-modal pairs)")
+    if len(by_layer):
+      _integer_layers(ax, by_layer.layer)
+      ax.set_xlim(right=max(by_layer.layer) + 0.9)
+    ax.grid(alpha=0.3)
+  fig.suptitle(title or "Similarity by layer\n(mean over languages; band = \u00b11 std)",
+               fontsize=11)
+  handles, labels = axes[0].get_legend_handles_labels()
+  fig.legend(handles, labels, loc="outside lower center", ncols=2, fontsize=8, frameon=False)
   return _save(fig, Path(path))
 
 
@@ -117,10 +143,19 @@ def plot_gaps(gaps: pd.DataFrame, path: str | Path, *, title: str | None = None)
   return _save(fig, Path(path))
 
 
-def plot_adaptor_effect(effect: pd.DataFrame, path: str | Path, *,
-                        title: str | None = None) -> Path:
+def plot_adaptor_effect(effect: pd.DataFrame, path: str | Path, *, title: str | None = None,
+                        intervals: Mapping[str, tuple[float, float, float]] | None = None
+                        ) -> Path:
   """Adaptor effect per language as bars coloured and grouped by resource level, with each
-  group's mean as a horizontal line (analysis.adaptor_effect for one model, metric)."""
+  group's mean and its bootstrap interval (analysis.adaptor_effect for one model, metric).
+
+  Bars are the chance-corrected effect (effect_corrected) when the table has a null, else the
+  raw effect. intervals: resource group -> (estimate, low, high), from the adaptor_effect
+  findings; drawn as a black marker with error bars at the group's centre.
+  """
+  corrected = "effect_corrected" in effect and effect.effect_corrected.notna().all() and len(
+      effect)
+  column = "effect_corrected" if corrected else "effect"
   n = len(effect)
   fig = Figure(figsize=(max(8.0, 0.32 * n + 2.5), 5.4), layout="constrained")
   ax = fig.subplots()
@@ -133,13 +168,21 @@ def plot_adaptor_effect(effect: pd.DataFrame, path: str | Path, *,
     previous = resource
     x += 1.0
   colours = [RESOURCE_COLOURS.get(r, RESOURCE_COLOURS["unknown"]) for r in effect.resource]
-  ax.bar(positions, effect.effect, color=colours, width=0.8)
+  ax.bar(positions, effect[column], color=colours, width=0.8, alpha=0.85)
   for resource, xs in start.items():
-    mean = effect.effect[effect.resource == resource].mean()
-    ax.hlines(mean, min(xs) - 0.45, max(xs) + 0.45, color="black", lw=1.5,
+    mean = effect[column][effect.resource == resource].mean()
+    ax.hlines(mean, min(xs) - 0.45, max(xs) + 0.45, color="black", lw=1.2,
               linestyles="dashed")
+    label = f"{resource} resource (n={len(xs)}): mean {mean:+.3f}"
+    if intervals and resource in intervals:
+      est, low, high = (np.nan if v is None else float(v) for v in intervals[resource])
+      if np.isfinite(low) and np.isfinite(high):
+        centre = (min(xs) + max(xs)) / 2
+        ax.errorbar([centre], [est], yerr=[[est - low], [high - est]], fmt="o", color="black",
+                    ms=6, capsize=6, lw=2, zorder=5)
+        label += f" [95% CI {low:+.3f}, {high:+.3f}]"
     ax.bar(0, 0, color=RESOURCE_COLOURS.get(resource, RESOURCE_COLOURS["unknown"]),
-           label=f"{resource} resource (dashed: mean {mean:+.3f}, n={len(xs)})")
+           label=label)
   ax.axhline(0, color="black", lw=0.8)
   labels = [f"{name} ({code})" if name != code else code
             for name, code in zip(effect.name, effect.language)]
@@ -149,20 +192,24 @@ def plot_adaptor_effect(effect: pd.DataFrame, path: str | Path, *,
   if n:
     ax.set_xlim(-0.7, positions[-1] + 0.7)
     row = effect.iloc[0]
-    ax.set_ylabel(f"\u0394 {_metric_label(row.metric)}: {row.post_site} \u2212 {row.pre_site}")
+    what = "chance-corrected " if corrected else ""
+    ax.set_ylabel(f"{what}\u0394 {_metric_label(row.metric)}: {row.post_site} \u2212 "
+                  f"{row.pre_site}")
     sub = f"cross-modal score vs {row.site_text} layer {row.layer_text}"
+    sub += (", minus the null's shift" if corrected else ", raw (no null)")
   else:
     sub = "no adaptor pairs"
   ax.grid(axis="y", alpha=0.3)
   ax.set_title(title or f"Length-adaptor effect per language\n({sub})")
-  fig.legend(loc="outside lower center", ncols=min(3, len(start)) or 1, fontsize=8,
-             frameon=False)
+  fig.legend(loc="outside lower center", ncols=1 if intervals else min(3, len(start)) or 1,
+             fontsize=8, frameon=False)
   return _save(fig, Path(path))
 
 
 def _panel(ax, m: analysis.LanguageMatrix, vmin: float, vmax: float, names):
   values = m.frame.to_numpy(dtype=float)
-  image = ax.imshow(np.ma.masked_invalid(values), vmin=vmin, vmax=vmax, cmap=HEATMAP_CMAP,
+  image = ax.imshow(np.ma.masked_invalid(values), vmin=vmin, vmax=vmax,
+                    cmap=CORRECTED_CMAP if m.corrected else HEATMAP_CMAP,
                     interpolation="nearest")
   n = len(m.frame)
   size = 9 if n <= 12 else (7 if n <= 24 else 6)
@@ -199,6 +246,9 @@ def plot_language_heatmaps(matrices: Sequence[analysis.LanguageMatrix], out_dir:
   values = np.concatenate([m.frame.to_numpy(dtype=float).ravel() for m in matrices])
   values = values[~np.isnan(values)]
   vmin, vmax = (float(values.min()), float(values.max())) if values.size else (0.0, 1.0)
+  if matrices[0].corrected:  # diverging around chance (0)
+    vmax = max(abs(vmin), abs(vmax), 1e-6)
+    vmin = -vmax
   vmax = vmax if vmax > vmin else vmin + 1e-6
   by_layer: dict[int, list] = {}
   for m in matrices:
@@ -213,10 +263,14 @@ def plot_language_heatmaps(matrices: Sequence[analysis.LanguageMatrix], out_dir:
     axes = np.atleast_1d(fig.subplots(1, len(ms)))
     for ax, m in zip(axes, ms):
       image = _panel(ax, m, vmin, vmax, names)
-    fig.colorbar(image, ax=list(axes), shrink=0.85,
-                 label=f"{_metric_label(ms[0].metric)} similarity")
-    fig.suptitle(title or f"Language \u00d7 language similarity, layer {layer} "
-                 "(grey: not scored)", fontsize=11)
+    what = (f"{_metric_label(ms[0].metric)} \u2212 null mean (0 = chance)" if ms[0].corrected
+            else f"{_metric_label(ms[0].metric)} similarity (raw, no null)")
+    fig.colorbar(image, ax=list(axes), shrink=0.85, label=what)
+    note = ("; PWCCA weighted on the row (side a), one order scored"
+            if ms[0].metric == "pwcca" else "")
+    fig.suptitle(title or f"Language \u00d7 language similarity, layer {layer}: "
+                 f"{'chance-corrected' if ms[0].corrected else 'raw'} "
+                 f"(grey: not scored{note})", fontsize=11)
     paths.append(_save(fig, Path(out_dir) / f"{prefix}{layer:02d}.png"))
   return paths
 
@@ -229,12 +283,14 @@ def _slug(text: str) -> str:
 
 
 def plot_all(table: pd.DataFrame, out_dir: str | Path, *, languages: pd.DataFrame | None = None,
-             sites: tuple[str, str] | None = None) -> list[Path]:
+             sites: tuple[str, str] | None = None, found: Sequence[dict] | None = None
+             ) -> list[Path]:
   """Every figure the table supports, for each (model, metric), saved under `out_dir`.
 
   Figures whose rows are absent (e.g. no adaptor pairs) are skipped. With one model and one
   metric the files are similarity_by_layer.png, gaps_by_layer.png, adaptor_effect.png and
   languages_layerNN.png; otherwise each name gets a '{model}_{metric}_' prefix.
+  found: analysis.findings of the table (computed when None), for the adaptor intervals.
   """
   table = analysis.validate_table(table)
   out_dir = Path(out_dir)
@@ -242,6 +298,8 @@ def plot_all(table: pd.DataFrame, out_dir: str | Path, *, languages: pd.DataFram
   gaps = analysis.gaps_by_layer(table, sites=sites)
   effect = analysis.adaptor_effect(table, languages=languages, sites=sites)
   matrices = analysis.language_matrices(table, sites=sites)
+  if found is None and len(effect):
+    found = analysis.findings(table, languages=languages, sites=sites)
   combos = list(table.groupby(["model", "metric"], sort=False).groups)
   paths = []
   for model, metric in combos:
@@ -263,10 +321,14 @@ def plot_all(table: pd.DataFrame, out_dir: str | Path, *, languages: pd.DataFram
     rows = pick(effect)
     if len(rows):
       row = rows.iloc[0]
+      intervals = {f["where"]["group"]: (f["estimate"], f["ci_low"], f["ci_high"])
+                   for f in found or () if f["finding"] == "adaptor_effect" and
+                   (f["model"], f["metric"]) == (model, metric)}
       paths.append(plot_adaptor_effect(
           rows, out_dir / f"{prefix}adaptor_effect.png",
           title=f"{label}: length-adaptor effect per language\ncross-modal score vs "
-                f"{row.site_text} layer {row.layer_text}, by resource level"))
+                f"{row.site_text} layer {row.layer_text}, by resource level",
+          intervals=intervals))
     ms = [m for m in matrices if (m.model, m.metric) == (model, metric)]
     paths += plot_language_heatmaps(ms, out_dir, prefix=f"{prefix}languages_layer")
   return paths

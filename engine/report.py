@@ -17,11 +17,12 @@ def _clear_old_plots(plots_dir: Path) -> None:
       path.unlink()
 
 
-def report(output_dir, *, table=None, languages=None, sites=None) -> dict:
+def report(output_dir, *, table=None, languages=None, sites=None, sentence=None) -> dict:
   """Writes summary.json and the figures for a results table into `output_dir`.
 
   table: a DataFrame, a .parquet/.csv path, or None for the table in `output_dir`.
   languages: the language table (default engine.data.languages.language_table()).
+  sentence: records of engine.analysis.sentence_bootstrap to merge into the findings.
   Returns {'table': rows, 'summary': path, 'plots': [paths], 'findings': [...]}.
   """
   import pandas as pd  # pylint: disable=import-outside-toplevel
@@ -39,32 +40,27 @@ def report(output_dir, *, table=None, languages=None, sites=None) -> dict:
   sites = tuple(sites) if sites else None
   output_dir.mkdir(parents=True, exist_ok=True)
   summary_path = output_dir / analysis.SUMMARY_JSON
-  data = analysis.write_summary(table, summary_path, languages=languages, sites=sites)
+  data = analysis.write_summary(table, summary_path, languages=languages, sites=sites,
+                                sentence=sentence)
   plots_dir = output_dir / analysis.PLOTS_DIR
   plots_dir.mkdir(exist_ok=True)
   _clear_old_plots(plots_dir)
-  paths = plots.plot_all(table, plots_dir, languages=languages, sites=sites)
+  paths = plots.plot_all(table, plots_dir, languages=languages, sites=sites,
+                         found=data["findings"])
   return {"table": len(table), "summary": summary_path, "plots": paths,
           "findings": data["findings"]}
 
 
 def describe(result: dict) -> str:
+  """The closing lines: where things went, then each finding as a sentence with its interval."""
   lines = [f"{result['table']} pairs; summary: {result['summary']}",
            f"{len(result['plots'])} figures in {result['plots'][0].parent}"
            if result["plots"] else "no figures (the table has no rows they need)"]
+  current = None
   for f in result["findings"]:
-    parts = [f"{f['model']} {f['metric']}:"]
-    if "rises_with_depth" in f:
-      parts.append(f"cross-modal {f['cross_modal_first']:.3f} -> {f['cross_modal_last']:.3f} "
-                   f"({'rises' if f['rises_with_depth'] else 'does not rise'} with depth)")
-    if f.get("modality_gap_exceeds_language_gap") is not None:
-      parts.append(f"modality gap > language gap at "
-                   f"{100 * f['modality_gap_exceeds_language_gap']:.0f}% of layers")
-    if f.get("speech_minus_text_cross_lingual") is not None:
-      parts.append(f"cross-lingual speech - text {f['speech_minus_text_cross_lingual']:+.3f}")
-    if f.get("adaptor_effect_by_resource"):
-      effect = ", ".join(f"{k} {v:+.3f}" for k, v in f["adaptor_effect_by_resource"].items()
-                         if v is not None)
-      parts.append(f"adaptor effect {effect}")
-    lines.append(" ".join(parts[:1]) + " " + "; ".join(parts[1:]))
+    if (f["model"], f["metric"]) != current:
+      current = (f["model"], f["metric"])
+      lines.append(f"{f['model']} {f['metric']} ({f['basis']}; {f['confidence']:.0%} "
+                   f"{f['method']} intervals over languages, {f['resamples']} resamples):")
+    lines.append(f"  {f['text']}")
   return "\n".join(lines)

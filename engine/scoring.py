@@ -1,5 +1,11 @@
-"""The sweep's pair stage: bases per (site, layer) place, chunks scored on the mesh, and orbax
-checkpoints after every chunk, so a killed sweep resumes at the chunk it was in.
+"""The sweep's pair stage: bases per (site, layer) place, chunks scored on the mesh with their
+permutation null, and orbax checkpoints after every chunk, so a killed sweep resumes at the
+chunk it was in.
+
+The null (engine.null) uses one seeded set of sentence permutations for every pair of the run
+(`permutations`), so a resumed sweep scores the null of its remaining pairs exactly as an
+uninterrupted one; the checkpoints hold its per-pair mean, sd and exceedance count with the
+scores.
 
 Bases are computed once per place for every representation there, kept while a pending chunk
 still needs them, and joined for the chunk at hand (engine.distributed.join_bases; padding is
@@ -20,7 +26,7 @@ import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 from tqdm.auto import tqdm
 
-from engine import distributed, pairs, svcca
+from engine import distributed, null, pairs, svcca
 from engine.keys import Key
 from engine.rundir import CHECKPOINT_DIR
 from engine.settings import SweepError
@@ -33,9 +39,9 @@ class PlaceBases:
   """Bases per (site, layer) place, computed once, dropped when no pending chunk needs them."""
 
   def __init__(self, where: dict, n: int, keys: Sequence[Key], chunks: Sequence[pairs.Chunk], *,
-               metric: str, threshold: float, dtype: str):
+               metric: str, threshold: float, dtype: str, dims: int | None = None):
     self.where, self.n = where, n
-    self.options = dict(metric=metric, threshold=threshold, dtype=dtype)
+    self.options = dict(metric=metric, threshold=threshold, dtype=dtype, dims=dims)
     self.keys: dict[tuple, list[Key]] = {}
     for k in keys:
       self.keys.setdefault((k.site, k.layer), []).append(k)
@@ -58,8 +64,13 @@ class PlaceBases:
   def _compute(self, keys: list[Key]) -> svcca.Bases:
     own = [k for k in keys if k in self.where]
     if own:
-      local = svcca.compute_bases([self.where[k].load(k) for k in own], names=[k.name for k in own],
-                                  warn=False, **self.options)
+      try:
+        local = svcca.compute_bases([self.where[k].load(k) for k in own],
+                                    names=[k.name for k in own], warn=False, **self.options)
+      except ValueError as e:
+        if self.options["dims"] is None:
+          raise
+        raise SweepError(f"--svd_dims={self.options['dims']}: {e}") from None
     else:
       local = distributed.no_bases(self.n, self.options["dtype"],
                                    self.options["metric"] == "pwcca")
@@ -76,10 +87,16 @@ class PlaceBases:
         self.cache.pop(place, None)
 
 
+NULL_FIELDS = ("null_mean", "null_sd", "exceed")
+
+
 def fresh(size: int) -> dict[str, np.ndarray]:
-  """What the checkpoints hold per plan position: a done flag, the score, both kept ranks."""
+  """What the checkpoints hold per plan position: a done flag, the score, both kept ranks, and
+  the null's mean, sd and count of null scores >= the score (zero when the null is off)."""
   return {"done": np.zeros(size, bool), "score": np.zeros(size, np.float64),
-          "rank_a": np.zeros(size, np.int64), "rank_b": np.zeros(size, np.int64)}
+          "rank_a": np.zeros(size, np.int64), "rank_b": np.zeros(size, np.int64),
+          "null_mean": np.zeros(size, np.float64), "null_sd": np.zeros(size, np.float64),
+          "exceed": np.zeros(size, np.int64)}
 
 
 def checkpointer(out: Path) -> ocp.CheckpointManager:
@@ -109,6 +126,8 @@ def restore(manager: ocp.CheckpointManager, size: int, where: Path) -> dict[str,
   done = restored["done"]
   if (any(restored[k].shape != v.shape or restored[k].dtype != v.dtype for k, v in empty.items())
       or not np.isfinite(restored["score"][done]).all()
+      or not all(np.isfinite(restored[k][done]).all() for k in ("null_mean", "null_sd"))
+      or (restored["exceed"][done] < 0).any()
       or (restored["rank_a"][done] < 1).any() or (restored["rank_b"][done] < 1).any()):
     raise SweepError(f"checkpoint {path} is damaged (inconsistent contents); {redo}")
   return restored
@@ -116,8 +135,11 @@ def restore(manager: ocp.CheckpointManager, size: int, where: Path) -> dict[str,
 
 def score_chunks(plan: Sequence[pairs.Pair], pending: Sequence[pairs.Chunk], places: PlaceBases,
                  sweep: dict[str, np.ndarray], manager: ocp.CheckpointManager, *, metric: str,
-                 mesh, progress: bool) -> dict[str, np.ndarray]:
-  """Scores the pending chunks into `sweep` (fresh's arrays), checkpointing after each."""
+                 perms: np.ndarray | None, mesh, progress: bool) -> dict[str, np.ndarray]:
+  """Scores the pending chunks into `sweep` (fresh's arrays), checkpointing after each.
+
+  perms: the run's permutations [B, n] (engine.null.permutations), or None for no null.
+  """
   kill_after = int(os.environ.get(KILL_AFTER_ENV, "0") or 0)
   step = int(manager.latest_step() or 0)
   total = sum(len(c.plan_index) for c in pending)
@@ -126,11 +148,15 @@ def score_chunks(plan: Sequence[pairs.Pair], pending: Sequence[pairs.Chunk], pla
     for run, chunk in enumerate(pending, start=1):
       bases, joined = places.bases(chunk)
       idx = pairs.index_pairs([plan[p] for p in chunk.plan_index], joined)
-      result = svcca.pair_scores(bases, idx, metric=metric, mesh=mesh)
+      if perms is None:
+        result = svcca.pair_scores(bases, idx, metric=metric, mesh=mesh)
+      else:
+        result = null.pair_null(bases, idx, perms, metric=metric, mesh=mesh)
       places.release(chunk)
       at = chunk.plan_index
-      sweep["score"][at], sweep["done"][at] = result.score, True
-      sweep["rank_a"][at], sweep["rank_b"][at] = result.rank_a, result.rank_b
+      for name in ("score", "rank_a", "rank_b", *(NULL_FIELDS if perms is not None else ())):
+        sweep[name][at] = getattr(result, name)
+      sweep["done"][at] = True
       step += 1
       manager.save(step, args=ocp.args.StandardSave(sweep))
       manager.wait_until_finished()
@@ -138,3 +164,11 @@ def score_chunks(plan: Sequence[pairs.Pair], pending: Sequence[pairs.Chunk], pla
       if kill_after and run >= kill_after:
         os.kill(os.getpid(), signal.SIGKILL)
   return sweep
+
+
+def null_columns(sweep: dict[str, np.ndarray], permutations: int) -> dict[str, np.ndarray] | None:
+  """The table's null columns (engine.null.finish: null_mean, null_sd, z, p_value) from the
+  checkpointed arrays; None when the null is off."""
+  if not permutations:
+    return None
+  return null.finish(null.NullResult(*(sweep[k] for k in null.NullResult._fields)), permutations)

@@ -29,6 +29,9 @@ MODEL_DTYPES = ("float32", "bfloat16", "float16")
 KERNEL_DTYPES = ("float32", "float64")
 # The fewest sentences SVCCA can compare: centring one sentence leaves nothing.
 MIN_SENTENCES = 2
+MIN_PERMUTATIONS = 2  # a null's spread needs two draws
+# The debiased HSIC estimator divides by n - 3.
+MIN_SENTENCES_DEBIASED = 4
 
 
 class SweepError(ValueError):
@@ -85,6 +88,11 @@ class Scoring:
                               "eng).")
   dtype: str = setting("float32", "Dtype of the SVD and pair kernel.", flag="kernel_dtype",
                        choices=KERNEL_DTYPES, aliases=("dtype",))
+  permutations: int = setting(200, "Sentence permutations of each pair's null (engine.null): "
+                              "null_mean, null_sd, z and p_value in the table; 0 turns it off.")
+  null_seed: int = setting(0, "Seed of the permutations (one set shared by every pair).")
+  svd_dims: int | None = setting(None, "Keep exactly K SVD directions of every representation "
+                                 "(fixed-dimension SVCCA/PWCCA) instead of --threshold's.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,6 +217,8 @@ def check(settings: Settings) -> Settings:
   corpus = _check_corpus(settings.corpus)
   model = _check_model_fields(settings.model)
   scoring = _check_scoring(settings.scoring, corpus.languages)
+  if corpus.max_sentences is not None:
+    check_sentences(corpus.max_sentences, scoring)
   across = [n for n in scoring.plan.split("+") if n in cross_model.PLANS]
   if across and len(model_names(model)) < 2:
     raise SweepError(f"--plan={scoring.plan} compares models, but --model={model.name} names one; "
@@ -271,7 +281,26 @@ def _check_scoring(s: Scoring, languages: tuple[str, ...]) -> Scoring:
       raise SweepError(f"--pivot: {e}") from None
     if pivot not in languages:
       raise SweepError(f"--pivot={s.pivot} is not among the sweep's languages")
+  if s.permutations < 0 or s.permutations == 1:
+    raise SweepError(f"--permutations={s.permutations} must be 0 (no null) or at least "
+                     f"{MIN_PERMUTATIONS}")
+  _at_least("null_seed", s.null_seed, 0)
+  _at_least("svd_dims", s.svd_dims, 1)
+  if s.svd_dims is not None and s.metric in svcca.FULL_RANK_METRICS:
+    raise SweepError(f"--svd_dims={s.svd_dims} applies to svcca and pwcca; --metric={s.metric} "
+                     "compares full representations")
   return dataclasses.replace(s, pivot=pivot, threshold=float(s.threshold))
+
+
+def check_sentences(n: int, scoring: Scoring) -> None:
+  """What the number of sentences n bounds (known from --max_sentences, or once the corpus is
+  loaded, before the model runs): the fixed dimension, and the debiased CKA's n."""
+  if scoring.svd_dims is not None and scoring.svd_dims >= n:
+    raise SweepError(f"--svd_dims={scoring.svd_dims} must be below the number of sentences "
+                     f"n={n} (centred data has rank at most n - 1)")
+  if scoring.metric == "cka_debiased" and n < MIN_SENTENCES_DEBIASED:
+    raise SweepError(f"--metric=cka_debiased needs at least {MIN_SENTENCES_DEBIASED} sentences, "
+                     f"the corpus has n={n}")
 
 
 def _check_run(r: Run) -> Run:
@@ -300,9 +329,12 @@ def check_model(model: Model) -> None:
 def describe(settings: Settings, corpus_rows: int | None = None) -> str:
   """The sweep in one line, heading its plan."""
   c, s = settings.corpus, settings.scoring
+  kept = f"{s.svd_dims} dims" if s.svd_dims else f"threshold {s.threshold}"
+  chance = (f"null of {s.permutations} permutations (seed {s.null_seed})" if s.permutations
+            else "no null")
   return (f"{settings.model.name} on {c.source} ({len(c.languages)} languages"
           + (f", {corpus_rows} corpus rows" if corpus_rows is not None else "")
-          + f"; {'+'.join(c.modalities)}), {s.metric} at threshold {s.threshold}, plan {s.plan}")
+          + f"; {'+'.join(c.modalities)}), {s.metric} at {kept}, plan {s.plan}, {chance}")
 
 
 def from_flags(values: Mapping[str, Any]) -> Settings:

@@ -6,7 +6,8 @@ Stages, each its own module, read top to bottom in `run_sweep`:
   engine.rundir      the output directory claimed (new, resumed, or refused) and its state
   engine.extraction  the corpus through the model into the store; the plan printed first
   engine.planning    the plan from the stored representations and the recorded site map
-  engine.scoring     bases per place, chunks scored on the mesh, orbax checkpoints
+  engine.scoring     bases per place, chunks scored with their permutation null (engine.null)
+                     on the mesh, orbax checkpoints
   engine.analysis    the results table written
 
 Several processes (hosts, after engine.distributed.initialize) run one sweep in a directory
@@ -26,7 +27,7 @@ from typing import Callable
 import pandas as pd
 
 from engine import analysis, distributed, extraction, pairs, planning, rundir, scoring, settings
-from engine import sharding, svcca
+from engine import null, sharding, svcca
 from engine.settings import Settings, SweepError
 
 
@@ -61,21 +62,24 @@ def run_sweep(s: Settings, *, overwrite: bool = False,
       vet=lambda: settings.check_model(s.model)) if leader else None)[0]
   state, planned = extraction.extract_stage(out, state, s, log)
   where, keys, n = extraction.stored(out, state, s.corpus.languages, s.corpus.modalities)
-  plan = planning.make(s.scoring.plan, keys, site_map=state["extracted"]["site_map"],
-                       layer_counts=state["extracted"]["layer_counts"], pivot=s.scoring.pivot)
-  state = _claim_checkpoints(out, state, planning.digest(plan), log, leader)
+  sc = s.scoring
+  plan = planning.make(sc.plan, keys, site_map=state["extracted"]["site_map"],
+                       layer_counts=state["extracted"]["layer_counts"], pivot=sc.pivot)
+  perms = null.permutations(n, sc.permutations, sc.null_seed) if sc.permutations else None
+  state = _claim_checkpoints(out, state, planning.digest(plan), _null_record(sc, n), log, leader)
   chunks = pairs.chunk_plan(plan, max_pairs=s.run.chunk_pairs)
   manager = scoring.checkpointer(out)
   sweep = scoring.restore(manager, len(plan), out / rundir.CHECKPOINT_DIR)
   pending = [c for c in chunks if not sweep["done"][c.plan_index].all()]
   _announce(s, plan, pending, mesh[1], int(sweep["done"].sum()), planned, log)
-  sc = s.scoring
   places = scoring.PlaceBases(where, n, pairs.plan_keys(plan), pending, metric=sc.metric,
-                              threshold=sc.threshold, dtype=sc.dtype)
+                              threshold=sc.threshold, dtype=sc.dtype, dims=sc.svd_dims)
   sweep = scoring.score_chunks(plan, pending, places, sweep, manager, metric=sc.metric,
-                               mesh=mesh[0], progress=s.run.progress)
+                               perms=perms, mesh=mesh[0], progress=s.run.progress)
   table = analysis.results_table(plan, sweep["score"], sweep["rank_a"], sweep["rank_b"],
-                                 model=s.model.name, metric=sc.metric, n=n)
+                                 model=s.model.name, metric=sc.metric, n=n,
+                                 null=scoring.null_columns(sweep, sc.permutations),
+                                 permutations=sc.permutations)
   if leader:
     analysis.write_table(table, out)
   return SweepResult(out, table, plan, len(chunks), len(pending), degenerate(table), n)
@@ -89,16 +93,24 @@ def pair_mesh(devices: str):
     raise SweepError(str(e)) from None
 
 
-def _claim_checkpoints(out: Path, state: dict, digest: str, log, leader: bool) -> dict:
-  """Records the plan's digest; checkpoints of another plan are discarded, never restored."""
-  if state.get("plan") == digest:
+def _null_record(scoring_settings: settings.Scoring, n: int) -> dict:
+  """The null as sweep.json records it: how many permutations of the n sentences, which seed."""
+  return {"permutations": scoring_settings.permutations, "seed": scoring_settings.null_seed,
+          "n": n}
+
+
+def _claim_checkpoints(out: Path, state: dict, digest: str, null_record: dict, log,
+                       leader: bool) -> dict:
+  """Records the plan's digest and the null; checkpoints of another plan are discarded, never
+  restored."""
+  if state.get("plan") == digest and state.get("null") == null_record:
     return state
   if state.get("plan") is not None and (out / rundir.CHECKPOINT_DIR).exists():
     log("the plan differs from the one checkpointed (the engine's plans changed?); "
         "scoring it afresh from the stored activations")
     if leader:
       shutil.rmtree(out / rundir.CHECKPOINT_DIR)
-  state = {**state, "plan": digest}
+  state = {**state, "plan": digest, "null": null_record}
   if leader:
     rundir.write_state(out, state)
   distributed.barrier("sweep-plan")

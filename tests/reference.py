@@ -47,4 +47,37 @@ def linear_cka(x, y) -> float:
                (np.linalg.norm(xc.T @ xc) * np.linalg.norm(yc.T @ yc)))
 
 
-METRICS = {"svcca": svcca, "pwcca": pwcca, "cka": lambda x, y, threshold=None: linear_cka(x, y)}
+def unbiased_hsic(k: np.ndarray, l: np.ndarray) -> float:
+  """Song et al. (2012), eq. 5: the unbiased HSIC estimator of two n x n kernel matrices."""
+  n = k.shape[0]
+  kt = k - np.diag(np.diag(k))
+  lt = l - np.diag(np.diag(l))
+  one = np.ones(n)
+  return float((np.trace(kt @ lt) + (one @ kt @ one) * (one @ lt @ one) / ((n - 1) * (n - 2))
+                - 2.0 / (n - 2) * (one @ kt @ lt @ one)) / (n * (n - 3)))
+
+
+def cka_debiased(x, y) -> float:
+  """Linear CKA with unbiased HSIC (Murphy et al. 2024). The estimator is invariant to shifting
+  features; centring first only keeps a large offset from swamping the Gram in float64."""
+  x = np.asarray(x, np.float64) - np.mean(x, axis=0)
+  y = np.asarray(y, np.float64) - np.mean(y, axis=0)
+  k, l = x @ x.T, y @ y.T
+  return unbiased_hsic(k, l) / np.sqrt(unbiased_hsic(k, k) * unbiased_hsic(l, l))
+
+
+def permutation_null(x, y, perms: np.ndarray, metric: str, threshold: float = 0.99) -> np.ndarray:
+  """The metric of x against y with its sentences (rows) reordered by each permutation."""
+  return np.array([METRICS[metric](x, y[p], threshold=threshold) for p in perms])
+
+
+METRICS = {"svcca": svcca, "pwcca": pwcca, "cka": lambda x, y, threshold=None: linear_cka(x, y),
+           "cka_debiased": lambda x, y, threshold=None: cka_debiased(x, y)}
+
+
+def reduce_dims(x: np.ndarray, k: int) -> np.ndarray:
+  """Centre, SVD, keep exactly the top k singular directions (fixed-dimension SVCCA)."""
+  xc = np.asarray(x, np.float64)
+  xc = xc - xc.mean(axis=0)
+  _, _, vt = np.linalg.svd(xc, full_matrices=False)
+  return xc @ vt[:k].T

@@ -181,14 +181,30 @@ def test_language_matrices():
 def test_summary_is_json_and_states_the_findings(tmp_path):
   data = A.write_summary(synthetic_table(), tmp_path / "summary.json", languages=LANGUAGES)
   assert json.loads((tmp_path / "summary.json").read_text()) == data
-  (found,) = data["findings"]
-  assert found["rises_with_depth"] is True and found["cross_modal_slope"] > 0
-  assert found["modality_gap_exceeds_language_gap"] == 1.0
-  assert found["speech_minus_text_cross_lingual"] < 0
-  assert found["adaptor_effect_by_resource"]["high"] > found["adaptor_effect_by_resource"]["low"]
+  found = {(f["finding"], f["where"].get("layer"), f["where"].get("group")): f
+           for f in data["findings"]}
+  assert all(f["basis"] == "raw (no null)" and f["beyond_chance"] is None
+             for f in found.values())  # the synthetic table has no null
+  trend = found[("cross_modal_trend", None, None)]
+  assert trend["rises_with_depth"] is True and trend["estimate"] > 0 and trend["ci_low"] > 0
+  assert trend["nonzero"] is True and trend["n_languages"] == len(LANGS)
+  assert trend["text"].startswith("cross-modal similarity rises with depth")
+  for layer in range(LAYERS):  # languages of one modality are closer than modalities
+    gap = found[("modality_vs_language_gap", layer, None)]
+    assert gap["estimate"] > 0 and gap["ci_low"] > 0, gap
+  speech_text = found[("speech_vs_text_cross_lingual", None, None)]
+  assert speech_text["estimate"] < 0 and speech_text["where"]["matched_layers"] == [
+      [l, l] for l in range(LAYERS)]
+  advantage = found[("same_language_advantage", None, None)]  # the plan has text-of-A vs
+  assert advantage["n_languages"] == len(LANGS)  # speech-of-B pairs: same language is no closer
+  high, low = (found[("adaptor_effect", None, g)] for g in ("high", "low"))
+  assert high["estimate"] > low["estimate"] and high["n_languages"] == 2
+  assert high["ci_low"] is None  # two languages: too few for an interval
+  assert "too few languages" in high["text"]
+  assert data["null"] == {"present": False, "permutations": [0], "chance_corrected": None}
   assert data["main_sites"] == {"synthetic": {"text": "text_encoder", "speech": "speech_encoder"}}
   assert data["families"]["cross_modal"] == len(LANGS) * (LAYERS + 2)
-  assert len(data["similarity_by_layer"]) == 3 * LAYERS
+  assert len(data["similarity_by_layer"]) == 4 * LAYERS
 
 
 def test_hand_made_table_statistics():
@@ -201,8 +217,12 @@ def test_hand_made_table_statistics():
   rows.append(dict(rows[0], language_b="deu", family="cross_modal_lingual", score=0.1))
   table = A.validate_table(pd.DataFrame(rows))
   by_layer = A.similarity_by_layer(table)
-  np.testing.assert_allclose(by_layer["mean"], [0.3, 0.6])
-  np.testing.assert_allclose(by_layer["std"], [0.1, 0.1])
+  cm = by_layer[by_layer.family == "cross_modal"]
+  np.testing.assert_allclose(cm["mean"], [0.3, 0.6])
+  np.testing.assert_allclose(cm["std"], [0.1, 0.1])
+  (cml,) = by_layer[by_layer.family == "cross_modal_lingual"].itertuples()
+  assert cml.mean == pytest.approx(0.1) and cml.main
+  assert by_layer.null_mean.isna().all() and by_layer.corrected_mean.isna().all()
   gaps = A.gaps_by_layer(table)
   np.testing.assert_allclose(gaps.modality_gap, [0.7, 0.4])
   assert gaps.language_gap.isna().all()  # no cross-lingual rows: no language gap

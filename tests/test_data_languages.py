@@ -15,8 +15,12 @@ FLEURS_CONFIGS = (
 def test_default_set_is_the_fixed_thirty():
   assert len(L.DEFAULT_LANGUAGES) == 30
   assert [lang.fleurs for lang in L.LANGUAGES] == FLEURS_CONFIGS
-  groups = [lang.resource for lang in L.LANGUAGES]
-  assert groups == ["high"] * 10 + ["medium"] * 10 + ["low"] * 10
+  for lang in L.LANGUAGES:
+    assert lang.resource == L.RESOURCE_OF_CLASS[lang.joshi_class], lang
+  # Spot checks against Joshi et al. 2020's lang2tax.txt.
+  joshi = {lang.code: lang.joshi_class for lang in L.LANGUAGES}
+  assert [joshi[c] for c in ("eng", "cmn", "arb", "hin", "ben", "swh", "cym", "khk")] == [
+      5, 5, 5, 4, 3, 2, 1, 1]
   for code in ("eng", "deu", "fra", "spa", "cmn", "jpn", "arb", "hin", "rus", "swh", "amh"):
     assert code in L.DEFAULT_LANGUAGES
 
@@ -24,7 +28,8 @@ def test_default_set_is_the_fixed_thirty():
 def test_table_columns_and_codes():
   table = L.language_table()
   assert list(table["code"]) == list(L.DEFAULT_LANGUAGES)
-  for column in ("name", "fleurs", "nllb", "script", "family", "branch", "resource", "espeak"):
+  for column in ("name", "fleurs", "nllb", "script", "family", "branch", "joshi_class",
+                 "resource", "espeak"):
     assert column in table.columns
   assert table["code"].is_unique and table["nllb"].is_unique and table["fleurs"].is_unique
   for lang in L.LANGUAGES:
@@ -34,7 +39,7 @@ def test_table_columns_and_codes():
   assert nllb["eng"] == "eng_Latn" and nllb["cmn"] == "zho_Hans" and nllb["arb"] == "arb_Arab"
   assert nllb["pes"] == "pes_Arab" and nllb["khk"] == "khk_Cyrl" and nllb["npi"] == "npi_Deva"
   assert nllb["uzn"] == "uzn_Latn"
-  assert table.groupby("resource").size().to_dict() == {"high": 10, "low": 10, "medium": 10}
+  assert table.groupby("resource").size().to_dict() == {"high": 15, "low": 7, "medium": 8}
 
 
 @pytest.mark.parametrize("given,code", [

@@ -81,3 +81,11 @@ def test_fleurs_source_from_a_local_copy(tmp_path, capsys):
   assert st.ids == [10, 11, 13] and st.metadata["corpus"]["source"] == "fleurs"
   assert Key("swh", "speech", "post_adaptor", 0) in st and Key("deu", "text", "text_encoder", 3) in st
   assert "speech: 9 sentences" in out
+
+
+@pytest.mark.parametrize("spelling", ["--model_dtype", "--dtype"])
+def test_model_dtype_flag_and_its_old_spelling(spelling):
+  with flagsaver.flagsaver():
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(["extract", f"{spelling}=bfloat16", "--output_dir=/nonexistent"])
+    assert flags.FLAGS.model_dtype == "bfloat16"

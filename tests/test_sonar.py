@@ -157,6 +157,20 @@ def test_extraction_into_a_store_matches_direct_runs(adapter, tmp_path):
     np.testing.assert_allclose(stored, pool(cap.hidden, cap.mask, "mean").numpy(), rtol=1e-4, atol=1e-5)
 
 
+def test_languages_without_a_speech_encoder_are_reported_once_up_front(tmp_path):
+  tokenizer, text, speech = sonar.build_tiny(0)
+  partial = sonar.SonarAdapter(name="partial", tokenizer=tokenizer, text_encoder=text,
+                               speech_encoders={"eng": speech})
+  with pytest.warns(UserWarning) as caught:
+    report = extract(partial, _corpus(n=2), tmp_path / "acts", modalities=["speech"],
+                     batch_size=2, progress=False)
+  said = [str(w.message) for w in caught if "takes no speech" in str(w.message)]
+  assert said == ["partial takes no speech in 2 of the 3 languages (rus, cmn): their speech is "
+                  "skipped"]
+  assert sorted(report.skipped) == ["cmn.speech", "rus.speech"]
+  assert {k.language for k in open_store(tmp_path / "acts").keys()} == {"eng"}
+
+
 def test_tiny_tokenizer_covers_the_bundled_corpus(adapter):
   unk = adapter.tokenizer.unk_token_id
   for sentence in bundled_sentences():

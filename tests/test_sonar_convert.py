@@ -337,6 +337,8 @@ def test_fairseq1_layout_converts_to_the_same_weights():
   sd = synthetic_speech_checkpoint(2)["model"]
   fairseq1 = {_fairseq1_name(k): v for k, v in sd.items()}
   fairseq1["encoder.w2v_model.mask_emb"] = torch.zeros(D)
+  for name, shape in (("bias", (D,)), ("weight_g", (1, 1, 8)), ("weight_v", (D, D // 4, 8))):
+    fairseq1[f"encoder.w2v_model.encoder.pos_conv.0.{name}"] = torch.ones(shape)  # unused, dropped
   assert not any(k.startswith(("encoder_frontend", "encoder_pooler")) for k in fairseq1)
   a, b = convert_sonar.speech_state_dict(sd), convert_sonar.speech_state_dict({"model": fairseq1})
   assert set(a) == set(b)
@@ -365,3 +367,46 @@ def test_adapter_runs_on_converted_checkpoint_files(tmp_path):
     adapter.run_speech([wave], 16000, "eng")
   with pytest.raises(ValueError, match="missing.pt"):
     convert_sonar.load_speech_encoder(str(tmp_path / "missing.pt"))
+
+
+RELEASED_SPEECH_FILES = ["spenc.eng.pt"] + [
+    f"spenc.v{v}ap.{code}.pt" for v in (3, 5) for code in sonar.SPEECH_LANGUAGES if code != "eng"]
+
+
+@pytest.mark.parametrize("name", RELEASED_SPEECH_FILES)
+def test_released_speech_checkpoint_names_map_to_their_language(name):
+  code = name.split(".")[-2]
+  assert sonar.checkpoint_language(name) == code
+  assert sonar.checkpoint_language(f"/data/sonar/{name.upper()}") == code
+
+
+@pytest.mark.parametrize("name,code", [
+    ("sonar_speech_encoder_deu.pt", "deu"), ("deu.pt", "deu"), ("speech/spenc.v5ap.yue.pt", "yue"),
+    ("spenc.v3ap.zho.pt", "cmn"), ("enc_de.pt", None), ("spenc.v3ap.pt", None),
+    ("best_all.pt", None), ("model.pt", None), ("spenc.v3ap.deu.bin", None)])
+def test_speech_checkpoint_names(name, code):
+  if code is not None:
+    assert sonar.checkpoint_language(name) == code
+  else:
+    with pytest.raises(ValueError, match=re.escape(repr(name.split("/")[-1]))):
+      sonar.checkpoint_language(name)
+
+
+def test_a_directory_of_released_checkpoints_serves_their_languages(tmp_path):
+  for name in ("spenc.eng.pt", "spenc.v3ap.deu.pt", "spenc.v5ap.cmn.pt"):
+    (tmp_path / name).write_bytes(b"")  # loaders are deferred: nothing is read yet
+  loaders = sonar._speech_checkpoints(str(tmp_path))  # pylint: disable=protected-access
+  assert sorted(loaders) == ["cmn", "deu", "eng"]
+  assert loaders["deu"].path == str(tmp_path / "spenc.v3ap.deu.pt")
+  (tmp_path / "sonar_speech_encoder_deu.pt").write_bytes(b"")
+  with pytest.raises(ValueError, match="two SONAR speech checkpoints for language 'deu'"):
+    sonar._speech_checkpoints(str(tmp_path))  # pylint: disable=protected-access
+
+
+def test_text_only_adapter_reports_no_speech_site():
+  tokenizer, text, _ = sonar.build_tiny(0)
+  adapter = sonar.SonarAdapter(name="text only", tokenizer=tokenizer, text_encoder=text,
+                               speech_encoders={})
+  assert {s.modality for s in adapter.sites()} == {"text"}
+  assert not adapter.supports_language("eng", "speech")
+  assert adapter.supports_language("eng", "text")

@@ -219,7 +219,7 @@ class JitVariantsTest(chex.TestCase):
     x = jnp.asarray(np.stack(reps), jnp.float32)
     pairs = jnp.asarray(svcca.all_pairs(3))
     for metric in svcca.METRICS:
-      threshold = 1.0 if metric == "cka" else 0.99
+      threshold = 1.0 if metric in svcca.FULL_RANK_METRICS else 0.99
       basis = self.variant(functools.partial(svcca.basis, threshold=threshold,
                                              with_weights=metric == "pwcca"))
       parts = [basis(r) for r in x]

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from engine import analysis, rundir, scoring, settings, svcca
+from engine import analysis, null, pairs, rundir, scoring, settings, svcca
 from engine import sweep as S
 from engine.keys import Key
 from engine.store import open_store
@@ -116,8 +116,10 @@ def test_killed_sweep_resumes_to_an_identical_table(full, cache, tmp_path):
   again = sweep_cli(cache, *FLAGS, f"--output_dir={out}", "--noreport")
   assert again.returncode == 0, again.stderr[-3000:]
   assert "pairs already scored" in again.stdout and "(5 of 7 chunks in this run)" in again.stdout
-  pd.testing.assert_frame_equal(pd.read_parquet(out / "results.parquet"),
-                                pd.read_parquet(full[0] / "results.parquet"), check_exact=True)
+  resumed = pd.read_parquet(out / "results.parquet")
+  pd.testing.assert_frame_equal(resumed, pd.read_parquet(full[0] / "results.parquet"),
+                                check_exact=True)
+  assert np.isfinite(resumed[["null_mean", "null_sd", "z", "p_value"]].to_numpy()).all()
 
 
 def test_other_settings_on_an_existing_sweep_are_refused(full, cache):
@@ -150,6 +152,11 @@ def test_other_settings_on_an_existing_sweep_are_refused(full, cache):
     (dict(layers=("1", "x")), "--layers=1,x: layers must be integers"),
     (dict(pooling="median"), "--pooling=median is not one of mean, max, first, last"),
     (dict(kernel_dtype="float16"), "--kernel_dtype=float16 is not one of float32, float64"),
+    (dict(permutations=-1), "--permutations=-1 must be 0 (no null) or at least 2"),
+    (dict(null_seed=-3), "--null_seed=-3 must be at least 0"),
+    (dict(svd_dims=0), "--svd_dims=0 must be at least 1"),
+    (dict(svd_dims=8, metric="cka"), "--svd_dims=8 applies to svcca and pwcca"),
+    (dict(svd_dims=8, max_sentences=8), "--svd_dims=8 must be below the number of sentences n=8"),
 ])
 def test_bad_settings_are_named(changes, message):
   with pytest.raises(ValueError) as e:
@@ -165,12 +172,17 @@ def test_bad_settings_are_named(changes, message):
 def test_other_models_sweep_end_to_end(model, families, cache, tmp_path, monkeypatch):
   monkeypatch.setenv("XMODAL_CACHE", str(cache))
   config = settings.of(model=model, languages=("eng", "deu"), max_sentences=12, layers=(-1,),
-                       threshold=THRESHOLD, output_dir=str(tmp_path), progress=False)
+                       threshold=THRESHOLD, output_dir=str(tmp_path), progress=False,
+                       permutations=0)
   result = S.run_sweep(config, log=lambda line: None)
   table = analysis.load_table(tmp_path)
   assert set(table.family) == families and len(table) == len(result.plan)
   assert {"text", "speech"} <= set(table.modality_a) | set(table.modality_b)
   assert np.isfinite(table.score).all() and table.score.between(0, 1 + 1e-6).all()
+  # --permutations=0: no null, NaN columns, and the sweep says so.
+  assert table[["null_mean", "null_sd", "z", "p_value"]].isna().all().all()
+  assert (table.permutations == 0).all()
+  assert json.loads((tmp_path / rundir.STATE_JSON).read_text())["null"]["permutations"] == 0
   store = open_store(tmp_path / rundir.STORE_DIR)
   row = table[table.family == "cross_modal"].iloc[-1]
   a = store.load((row.language_a, row.modality_a, row.site_a, row.layer_a))
@@ -202,15 +214,85 @@ def test_identity_is_the_corpus_model_and_scoring_groups():
   assert ident["languages"] == list(LANGS) and ident["kernel_dtype"] == "float32"
 
 
-@pytest.mark.parametrize("flag, message", [
-    ("--max_sentences=1", "--max_sentences=1 must be at least 2"),
-    ("--layers=a", "--layers=a: layers must be integers"),
+@pytest.mark.parametrize("flags, message", [
+    (["--max_sentences=1"], "--max_sentences=1 must be at least 2"),
+    (["--layers=a"], "--layers=a: layers must be integers"),
+    (["--permutations=-5"], "--permutations=-5 must be 0 (no null) or at least 2"),
+    (["--max_sentences=12", "--svd_dims=20"],
+     "--svd_dims=20 must be below the number of sentences n=12 (centred data has rank at most "
+     "n - 1)"),
 ])
-def test_bad_flags_are_refused_before_any_work(cache, tmp_path, flag, message):
+def test_bad_flags_are_refused_before_any_work(cache, tmp_path, flags, message):
   out = tmp_path / "sweep"
-  done = sweep_cli(cache, "--languages=eng", f"--output_dir={out}", flag, timeout=120)
+  done = sweep_cli(cache, "--languages=eng", f"--output_dir={out}", *flags, timeout=120)
   assert done.returncode == 1 and done.stderr.strip() == f"sweep: error: {message}"
   assert not out.exists()
+
+
+def test_svd_dims_above_the_corpus_is_refused_before_the_model_runs(cache, tmp_path):
+  """n is the corpus' (64 bundled sentences): known once it is loaded, before any extraction."""
+  out = tmp_path / "sweep"
+  done = sweep_cli(cache, "--languages=eng", "--modalities=text", f"--output_dir={out}",
+                   "--svd_dims=64", timeout=200)
+  assert done.returncode == 1
+  assert done.stderr.strip() == ("sweep: error: --svd_dims=64 must be below the number of "
+                                 "sentences n=64 (centred data has rank at most n - 1)")
+  assert not list(out.glob(f"{rundir.STORE_DIR}*"))
+
+
+class _Held:
+  """A store's `load` for one array (what PlaceBases reads)."""
+
+  def __init__(self, x):
+    self.x = x
+
+  def load(self, key):
+    del key
+    return self.x
+
+
+def test_svd_dims_above_a_representations_rank_names_it_and_the_flag():
+  rng = np.random.default_rng(0)
+  full = rng.standard_normal((20, 12))
+  low = rng.standard_normal((20, 3)) @ rng.standard_normal((3, 12))  # rank 3
+  a, b = Key("eng", "text", "t", 0), Key("deu", "text", "t", 0)
+  plan = [(a, b, "cross_lingual_text")]
+  chunks = pairs.chunk_plan(plan)
+  places = scoring.PlaceBases({a: _Held(full), b: _Held(low)}, 20, [a, b], chunks,
+                              metric="svcca", threshold=0.99, dtype="float32", dims=5)
+  with pytest.raises(settings.SweepError) as e:
+    places.bases(chunks[0])
+  assert str(e.value).startswith("--svd_dims=5: deu.text.t.0: numerical rank 3 is below")
+  assert "\n" not in str(e.value)
+
+
+def test_null_columns_equal_the_null_kernel_on_stored_activations(full):
+  """null_mean, null_sd, z and p_value are engine.null's for the stored representations, with
+  the run's one seeded set of permutations (recorded in sweep.json)."""
+  out, _ = full
+  table = pd.read_parquet(out / "results.parquet")
+  state = json.loads((out / rundir.STATE_JSON).read_text())
+  assert state["null"] == {"permutations": 200, "seed": 0, "n": SENTENCES}
+  assert (table.permutations == 200).all()
+  store = open_store(out / rundir.STORE_DIR)
+  rows = table.groupby("family").head(4)
+  keys = list(dict.fromkeys(
+      Key(*r) for side in "ab" for r in
+      rows[[f"language_{side}", f"modality_{side}", f"site_{side}", f"layer_{side}"]]
+      .itertuples(index=False)))
+  position = {k: i for i, k in enumerate(keys)}
+  index = np.array([[position[Key(*r[:4])], position[Key(*r[4:])]]
+                    for r in rows[["language_a", "modality_a", "site_a", "layer_a",
+                                   "language_b", "modality_b", "site_b", "layer_b"]]
+                    .itertuples(index=False)])
+  bases = svcca.compute_bases([np.asarray(store.load(k)) for k in keys], threshold=THRESHOLD,
+                              warn=False)
+  expected = null.finish(null.pair_null(bases, index, null.permutations(SENTENCES, 200, 0),
+                                        metric="svcca"), 200)
+  for column in ("score", "null_mean", "null_sd", "z"):
+    np.testing.assert_allclose(rows[column], expected[column], rtol=0, atol=1e-5)
+  np.testing.assert_allclose(rows.p_value, expected["p_value"], rtol=0, atol=1.01 / 201)
+  assert (rows.p_value.to_numpy() == expected["p_value"]).mean() > 0.9
 
 
 def test_refused_output_dir_is_reported_without_loading_torch(full, tmp_path):

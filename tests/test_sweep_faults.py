@@ -30,7 +30,7 @@ CONFIG = dict(languages=("eng", "deu"), max_sentences=8, chunk_pairs=3, progress
 _FORKER = r"""
 import os, sys, traceback
 import datasets, jax, numpy, orbax.checkpoint, pandas, torch  # imported, not started
-from engine import analysis, extract, pairs, sharding, store, svcca
+from engine import analysis, extract, pairs, settings, sharding, store, svcca
 from engine import sweep as S
 from engine.models import seamless
 seamless.model_class("v2")

@@ -82,9 +82,15 @@ def test_two_processes_give_the_table_of_one(runs):
   table = pd.read_parquet(one / "results.parquet")
   shared = pd.read_parquet(two / "results.parquet")
   assert list(shared.columns) == list(table.columns) == list(analysis.COLUMNS)
-  key = [c for c in table.columns if c != "score"]
+  scores = ["score", "null_mean", "null_sd", "z", "p_value"]
+  key = [c for c in table.columns if c not in scores]
   pd.testing.assert_frame_equal(shared[key], table[key])  # same rows, same order, same ranks
-  np.testing.assert_allclose(shared.score, table.score, rtol=0, atol=1e-6)
+  for column in ("score", "null_mean", "null_sd"):
+    np.testing.assert_allclose(shared[column], table[column], rtol=0, atol=1e-6)
+  # The same permutations on both: a p-value moves only where a null score ties the score.
+  permutations = int(table.permutations.iloc[0])
+  assert permutations >= 2
+  np.testing.assert_allclose(shared.p_value, table.p_value, rtol=0, atol=1.01 / (1 + permutations))
   assert set(table.family) == {"cross_modal", "cross_lingual_text", "cross_lingual_speech",
                                "adaptor"}
   assert "yor" in set(table.language_a) | set(table.language_b)

@@ -181,8 +181,12 @@ def model_state(checkpoint, *, what: str) -> dict[str, torch.Tensor]:
     try:
       checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # pylint: disable=broad-except
-      # fairseq2 checkpoints may pickle their config next to the tensors.
-      checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+      # fairseq checkpoints may pickle their config next to the tensors.
+      try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+      except ModuleNotFoundError as e:
+        raise ValueError(f"{what} checkpoint {path!r} pickles objects of module {e.name!r}, "
+                         f"which is not installed: pip install {e.name}") from None
   if not isinstance(checkpoint, Mapping):
     raise ValueError(f"{what} checkpoint {source!r} is not a mapping of tensors")
   state = checkpoint.get("model", checkpoint)

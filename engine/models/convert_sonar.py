@@ -122,9 +122,12 @@ FAIRSEQ1_SPEECH_RULES = (
     (r"^decoder\.embed_out$", "encoder_pooler.projection_out.weight"),
 )
 
-# Non-persistent or training-only entries that carry no inference weights.
+# Non-persistent or training-only entries that carry no inference weights. fairseq1 speech
+# checkpoints also keep the convolutional position encoder of w2v-BERT pre-training, which the
+# conformer (relative positions) never runs: SONAR's own loader deletes it too.
 IGNORED = (r"\.freqs$", r"_float_tensor$", r"(^|\.)version$", r"^encoder\.w2v_model\.mask_emb$",
-           r"^encoder_frontend\.masker\.")
+           r"^encoder_frontend\.masker\.",
+           r"^encoder\.w2v_model\.encoder\.pos_conv\.0\.(bias|weight_g|weight_v)$")
 
 
 def model_state(checkpoint) -> dict[str, torch.Tensor]:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import os
+import re
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -46,6 +47,17 @@ EMBEDDING_SITE = "sentence_embedding"
 FAMILY = Family(
     name="sonar", random=r"sonar-tiny$",
     site_map={"text": (TEXT_SITE, EMBEDDING_SITE), "speech": (SPEECH_SITE, EMBEDDING_SITE)})
+# The languages of SONAR's released speech encoders (its model card sonar_speech_encoder.yaml).
+SPEECH_LANGUAGES = (
+    "arb", "asm", "bel", "ben", "bos", "bul", "cat", "ces", "cmn", "cym", "dan", "deu", "eng",
+    "est", "fin", "fra", "guj", "heb", "hin", "hrv", "ind", "ita", "jpn", "kan", "kor", "lao",
+    "lit", "lvs", "mal", "mar", "mkd", "mlt", "nld", "npi", "ory", "pan", "pes", "pol", "por",
+    "ron", "rus", "slk", "slv", "snd", "spa", "srp", "swh", "tam", "tel", "tgl", "tha", "tur",
+    "ukr", "urd", "uzn", "vie", "yue")
+# Speech checkpoint file names ending in a language code: as released ('spenc.eng.pt',
+# 'spenc.v3ap.deu.pt', 'spenc.v5ap.cmn.pt'), as fairseq2's card names them
+# ('sonar_speech_encoder_deu.pt') or bare ('deu.pt').
+_CHECKPOINT_NAME = re.compile(r"^(?:.*[._])?([a-z]{3})\.pt$")
 # Embedding rows of the tiny text encoder: fixed (>= BPE vocabulary + NLLB language codes +
 # <mask>), so the random weights never depend on what the bundled corpus holds.
 TINY_VOCAB = 37888
@@ -183,9 +195,11 @@ class SonarAdapter(TorchAdapter):
 
   def sites(self) -> list[Site]:
     text_layers = len(self.text_encoder.layers) + 1
-    return [Site(TEXT_SITE, "text", text_layers), Site(EMBEDDING_SITE, "text", 1),
-            Site(SPEECH_SITE, "speech", self._speech_layer_count() + 1),
-            Site(EMBEDDING_SITE, "speech", 1)]
+    sites = [Site(TEXT_SITE, "text", text_layers), Site(EMBEDDING_SITE, "text", 1)]
+    if not self.speech_encoders:
+      return sites  # text weights only: no speech site to report
+    return sites + [Site(SPEECH_SITE, "speech", self._speech_layer_count() + 1),
+                    Site(EMBEDDING_SITE, "speech", 1)]
 
   def supports_language(self, language: str, modality: str) -> bool:
     if modality == "text":
@@ -265,8 +279,26 @@ class SonarAdapter(TorchAdapter):
 # Loading.
 
 
+def checkpoint_language(path: str | os.PathLike) -> str:
+  """The canonical language of a SONAR speech checkpoint, from its file name."""
+  from engine.data import languages  # pylint: disable=import-outside-toplevel
+  name = os.path.basename(os.fspath(path))
+  m = _CHECKPOINT_NAME.match(name.lower())
+  code = m.group(1) if m else None
+  if code is not None:
+    try:
+      return languages.resolve_language(code)
+    except ValueError:
+      if code in SPEECH_LANGUAGES:
+        return code
+  raise ValueError(f"cannot tell the language of SONAR speech checkpoint {name!r}: name it as "
+                   "released (spenc.v3ap.deu.pt, spenc.eng.pt) or <lang>.pt, or pass "
+                   "speech_encoders={language: path}")
+
+
 def _speech_checkpoints(spec) -> dict[str, object]:
-  """{language: loader} from a mapping {language: path} or a directory of '<lang>.pt' files."""
+  """{language: loader} from a mapping {language: path} or a directory of checkpoints named
+  by language (see `checkpoint_language`)."""
   from engine.models import convert_sonar  # pylint: disable=import-outside-toplevel
   if spec is None:
     return {}
@@ -276,8 +308,12 @@ def _speech_checkpoints(spec) -> dict[str, object]:
       raise ValueError(f"no SONAR speech checkpoints (*.pt) in directory {os.fspath(spec)!r}")
     spec = {}
     for p in paths:
-      stem = os.path.splitext(os.path.basename(p))[0]
-      spec[stem.rsplit("_", 1)[-1]] = p  # 'sonar_speech_encoder_deu.pt' or 'deu.pt' -> 'deu'
+      language = checkpoint_language(p)
+      if language in spec:
+        raise ValueError(f"two SONAR speech checkpoints for language {language!r}: "
+                         f"{os.path.basename(spec[language])!r} and {os.path.basename(p)!r}; "
+                         "keep one")
+      spec[language] = p
   loaders = {}
   for language, path in spec.items():
     if isinstance(path, nn.Module):
@@ -307,8 +343,10 @@ def load(model: str, device: str = "cpu", dtype: str = "float32", *, speech_enco
   text encoder (an `M2M100Encoder` checkpoint, e.g. 'cointegrated/SONAR_200_text_encoder'), or
   a fairseq2 checkpoint file (*.pt) converted on the fly (`tokenizer` then names an NLLB
   tokenizer, default 'facebook/nllb-200-distilled-600M'). Speech: `speech_encoders` is
-  {language: fairseq2 checkpoint path} or a directory of '<...>_<lang>.pt' files; if omitted
-  and `model` is a directory with a 'speech' subdirectory, that is used.
+  {language: fairseq2 checkpoint path} or a directory of checkpoints named by language as
+  released ('spenc.v3ap.deu.pt', 'spenc.eng.pt') or '<lang>.pt'; if omitted and `model` is a
+  directory with a 'speech' subdirectory, that is used. Without speech encoders the adapter
+  has text sites only.
   """
   if FAMILY.random_match(model):
     tok, text, speech = build_tiny(seed)
