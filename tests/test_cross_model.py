@@ -2,7 +2,10 @@
 side's model, scores equal to the kernel on the models' own stores, stores reused when a model
 is added, and the refusals."""
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -190,3 +193,44 @@ def test_single_model_plans_are_those_of_engine_pairs():
       pairs.make_plan("cross_modal+cross_lingual_text", keys, site_map=site_map)
   with pytest.raises(ValueError, match="compares models, but the representations are of one"):
     cross_model.make_plan("cross_model", keys, site_map=site_map)
+
+
+@pytest.mark.parametrize("models, plan, named", [
+    ("seamless-tiny,nosuch-model", "cross_model", "'nosuch-model'"),
+    ("sonar-tiny", "cross_model_modal", "--model=sonar-tiny names one"),
+])
+def test_cli_refuses_in_one_line(tmp_path, models, plan, named):
+  root = Path(__file__).resolve().parents[1]
+  done = subprocess.run(
+      [sys.executable, "-m", "cli.sweep", f"--model={models}", f"--plan={plan}",
+       f"--output_dir={tmp_path / 'x'}"], cwd=root, capture_output=True, text=True, timeout=120,
+      env={**os.environ, "PYTHONPATH": str(root)})
+  assert done.returncode == 1
+  lines = done.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("sweep: error: ") and named in lines[0], lines
+  assert not (tmp_path / "x").exists()
+
+
+def test_single_model_tables_name_the_model_on_both_sides():
+  keys = [Key(language, "text", "t", 0) for language in ("eng", "deu")]
+  plan = [(keys[0], keys[1], "cross_lingual_text")]
+  table = analysis.results_table(plan, [0.5], model="seamless-tiny", metric="svcca")
+  assert list(table.columns) == list(analysis.COLUMNS)
+  assert (table.model == "seamless-tiny").all() and (table.model_a == table.model).all()
+  assert (table.model_b == table.model).all() and list(table.site_a) == ["t"]
+  old = table.drop(columns=["model_a", "model_b"])  # a table written before models were compared
+  assert analysis.validate_table(old)[["model_a", "model_b"]].equals(table[["model_a", "model_b"]])
+
+
+def test_sites_named_by_their_model():
+  assert model_slug("facebook/seamless-m4t-v2-large") == "facebook--seamless-m4t-v2-large"
+  assert model_slug("/data/models/my.sonar/") == "models--my_sonar"
+  key = Key("eng", "text", model_site("sonar-tiny", "text_encoder"), 2)
+  assert Key.parse(key.name) == key and split_site(key.site) == ("sonar-tiny", "text_encoder")
+  assert split_site("text_encoder") == (None, "text_encoder")
+  from engine.keys import as_key  # pylint: disable=import-outside-toplevel
+  assert as_key(key) == key
+  with pytest.raises(ValueError, match="must be letters"):
+    as_key(("eng", "text", "a/b/c", 0))
+  with pytest.raises(ValueError, match="must be letters"):
+    as_key(("eng/x", "text", "t", 0))
