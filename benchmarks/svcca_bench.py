@@ -161,13 +161,16 @@ def bench_kernel(reps, threshold: float, repeats: int, budget_s: float, mesh=Non
   pairs = svcca.all_pairs(reps.shape[0])
   mesh = mesh or sharding.pair_mesh()
 
+  cpu: list[tuple[float, float]] = []  # process CPU seconds of each stage, per timed run
+
   def run():
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     bases = svcca.compute_bases(reps, threshold=threshold, warn=False)
     jax.block_until_ready(bases.u)
-    t1 = time.perf_counter()
+    c1, t1 = time.process_time(), time.perf_counter()
     scores = svcca.pair_scores(bases, pairs, mesh=mesh).score
-    t2 = time.perf_counter()
+    c2, t2 = time.process_time(), time.perf_counter()
+    cpu.append((c1 - c0, c2 - c1))
     return scores, bases, (t0, t1, t2)
 
   scores, bases, (t0, t1, t2) = run()
@@ -180,6 +183,9 @@ def bench_kernel(reps, threshold: float, repeats: int, budget_s: float, mesh=Non
       _, _, (a, b, c) = run()
       runs.append((b - a, c - b))
       spent += c - a
+  timed_cpu = cpu[1:] or cpu
+  cpu_fields = {"bases_cpu_s": statistics.median(c[0] for c in timed_cpu),
+                "pairs_cpu_s": statistics.median(c[1] for c in timed_cpu)}
   if runs:
     bases_s = statistics.median(r[0] for r in runs)
     pairs_s = statistics.median(r[1] for r in runs)
@@ -190,7 +196,7 @@ def bench_kernel(reps, threshold: float, repeats: int, budget_s: float, mesh=Non
   k = int(bases.u.shape[-1])
   rank = np.asarray(bases.rank, np.float64)
   useful = 2.0 * n * float(rank[pairs[:, 0]] @ rank[pairs[:, 1]])  # 2 n k_a k_b, actual ranks
-  return {"scores": scores, "useful_pairs_gflop": useful / 1e9,
+  return {"scores": scores, **cpu_fields, "useful_pairs_gflop": useful / 1e9,
           "useful_pairs_gflops": useful / pairs_s / 1e9, "pairs": len(pairs), "padded_rank": k,
           "mean_rank": float(np.mean(np.asarray(bases.rank))), "ranks": np.asarray(bases.rank),
           "runs": len(runs), "bases_s": bases_s, "pairs_s": pairs_s, "total_s": bases_s + pairs_s,
@@ -242,7 +248,9 @@ def bench_bases_once(method: str, reps, threshold: float) -> dict:
         "torch_once": functools.partial(baselines.torch_bases_once, device=torch_device)}[method]
   fn(reps[:2], threshold)  # imports and first-call set-up, not timed
   timings: dict = {}
+  cpu = time.process_time()
   scores = fn(reps, threshold, timings=timings)
+  timings["cpu_s"] = time.process_time() - cpu
   return {"total_s": timings["bases_s"] + timings["pairs_s"], **timings, "scores": scores}
 
 
@@ -457,6 +465,7 @@ def markdown(report: dict) -> str:
               "pairs useful GFLOP/s (% GEMM) | "
               + " | ".join(f"{LABELS[m]}: bases s / pairs s / total s | max abs diff" for m in like)
               + " |", "|" + "---|" * (8 + 2 * len(like))]
+    cpu_notes: list[str] = []
     for w in report["paper"]:
       cells = []
       for m in like:
@@ -469,9 +478,18 @@ def markdown(report: dict) -> str:
                   f"({e['kernel_speedup']:.1f}x)", f"{e['max_abs_diff_vs_kernel']:.1e}"]
       useful = (f"{w['useful_pairs_gflops']:.0f} ({w['useful_pairs_pct_gemm']:.0f}%)"
                 if "useful_pairs_gflops" in w else "-")
+      if "bases_cpu_s" in w:
+        cpu_notes.append(f"R={w['R']} n={w['n']} d={w['d']}: kernel "
+                         f"{w['bases_cpu_s'] + w['pairs_cpu_s']:.3g} (bases "
+                         f"{w['bases_cpu_s']:.3g}, pairs {w['pairs_cpu_s']:.3g})"
+                         + "".join(f", {m} {w['methods'][m]['cpu_s']:.3g}" for m in like
+                                   if "cpu_s" in (w["methods"].get(m) or {})))
       lines.append(f"| {w['R']} | {w['n']} | {w['d']} | {_s(w['bases_s'])} | {_s(w['pairs_s'])} "
                    f"| {_s(w['total_s'])} | {_s(w['compile_bases_s'] + w['compile_pairs_s'])} "
                    f"| {useful} | " + " | ".join(cells) + " |")
+    if cpu_notes:
+      lines += ["", "Process CPU seconds (all threads; on a loaded machine the work done, "
+                "whatever the share of the cores it got): " + "; ".join(cpu_notes) + "."]
   lines += ["", "## Roofline and agreement", "",
             f"Measured float32 GEMM (XLA, {meta['gemm_size']}^3, HIGHEST precision, "
             f"{meta['backend']}): **{meta['gemm_gflops']:.1f} "

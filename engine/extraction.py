@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 
 import jax
 
-from engine import data, distributed, pairs, planning, rundir, settings
+from engine import data, distributed, planning, rundir, settings
 from engine.data import fleurs
 from engine.keys import Key, model_site, model_slug, split_site
 from engine.settings import SweepError

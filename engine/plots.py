@@ -15,6 +15,8 @@ import matplotlib
 from matplotlib.figure import Figure
 
 from engine import analysis
+from engine.findings import findings
+from engine.table import validate_table
 
 FAMILY_STYLE = {  # label, colour
     "cross_modal": ("cross-modal (text vs speech, same language)", "#1f77b4"),
@@ -290,16 +292,16 @@ def plot_all(table: pd.DataFrame, out_dir: str | Path, *, languages: pd.DataFram
   Figures whose rows are absent (e.g. no adaptor pairs) are skipped. With one model and one
   metric the files are similarity_by_layer.png, gaps_by_layer.png, adaptor_effect.png and
   languages_layerNN.png; otherwise each name gets a '{model}_{metric}_' prefix.
-  found: analysis.findings of the table (computed when None), for the adaptor intervals.
+  found: findings of the table (computed when None), for the adaptor intervals.
   """
-  table = analysis.validate_table(table)
+  table = validate_table(table)
   out_dir = Path(out_dir)
   by_layer = analysis.similarity_by_layer(table, sites=sites)
   gaps = analysis.gaps_by_layer(table, sites=sites)
   effect = analysis.adaptor_effect(table, languages=languages, sites=sites)
   matrices = analysis.language_matrices(table, sites=sites)
   if found is None and len(effect):
-    found = analysis.findings(table, languages=languages, sites=sites)
+    found = findings(table, languages=languages, sites=sites)
   combos = list(table.groupby(["model", "metric"], sort=False).groups)
   paths = []
   for model, metric in combos:

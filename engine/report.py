@@ -22,27 +22,29 @@ def report(output_dir, *, table=None, languages=None, sites=None, sentence=None)
 
   table: a DataFrame, a .parquet/.csv path, or None for the table in `output_dir`.
   languages: the language table (default engine.data.languages.language_table()).
-  sentence: records of engine.analysis.sentence_bootstrap to merge into the findings.
+  sentence: records of engine.findings.sentence_bootstrap to merge into the findings.
   Returns {'table': rows, 'summary': path, 'plots': [paths], 'findings': [...]}.
   """
   import pandas as pd  # pylint: disable=import-outside-toplevel
 
-  from engine import analysis, plots  # pylint: disable=import-outside-toplevel
+  from engine import plots  # pylint: disable=import-outside-toplevel  (matplotlib)
+  from engine.findings import write_summary  # pylint: disable=import-outside-toplevel
+  from engine.table import PLOTS_DIR, SUMMARY_JSON, load_table, validate_table  # pylint: disable=import-outside-toplevel
   output_dir = Path(output_dir)
   if table is None or not isinstance(table, pd.DataFrame):
-    table = analysis.load_table(output_dir if table is None else table)
+    table = load_table(output_dir if table is None else table)
   else:
-    table = analysis.validate_table(table)
+    table = validate_table(table)
   if table.empty:
     raise ValueError(f"results table for {output_dir} has no rows")
   if sites is not None and len(sites) != 2:
     raise ValueError(f"sites must be text_site,speech_site; got {','.join(sites)}")
   sites = tuple(sites) if sites else None
   output_dir.mkdir(parents=True, exist_ok=True)
-  summary_path = output_dir / analysis.SUMMARY_JSON
-  data = analysis.write_summary(table, summary_path, languages=languages, sites=sites,
-                                sentence=sentence)
-  plots_dir = output_dir / analysis.PLOTS_DIR
+  summary_path = output_dir / SUMMARY_JSON
+  data = write_summary(table, summary_path, languages=languages, sites=sites,
+                       sentence=sentence)
+  plots_dir = output_dir / PLOTS_DIR
   plots_dir.mkdir(exist_ok=True)
   _clear_old_plots(plots_dir)
   paths = plots.plot_all(table, plots_dir, languages=languages, sites=sites,

@@ -6,7 +6,7 @@
                     its own, activations.p{index}/; a sweep over several models holds one
                     store per model, activations/{model slug}/ (.p{index} per process)
   checkpoints/      orbax checkpoints of the pair stage (engine.scoring)
-  results.parquet   the tidy table (engine.analysis.COLUMNS), also as results.csv
+  results.parquet   the tidy table (engine.table.COLUMNS), also as results.csv
   summary.json, plots/   written from the table by cli.report
 
 A directory holding a sweep with another identity is refused, naming the settings that differ;

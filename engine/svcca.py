@@ -3,8 +3,8 @@
 The key idea (DESIGN.md, "The kernel"): after centring and truncating to the top singular
 directions, U already has orthonormal columns and CCA is invariant to invertible rescaling,
 so the canonical correlations of X and Y are the singular values of U_x^T U_y. Hence one SVD
-per representation (`compute_bases`), and per pair only a (k x n)(n x k) GEMM and a small
-eigensolve (`pair_scores`), batched over a sharded pair axis. The data-dependent rank k is
+per representation (`compute_bases`), and per pair only a (k x n)(n x k) GEMM and the singular
+values of that k x k matrix (`pair_scores`), batched over a sharded pair axis. The data-dependent rank k is
 handled with static shapes: bases are padded to a fixed width and masked.
 """
 from __future__ import annotations

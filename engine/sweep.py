@@ -8,7 +8,7 @@ Stages, each its own module, read top to bottom in `run_sweep`:
   engine.planning    the plan from the stored representations and the recorded site map
   engine.scoring     bases per place, chunks scored with their permutation null (engine.null)
                      on the mesh, orbax checkpoints
-  engine.analysis    the results table written
+  engine.table       the results table written
 
 Several processes (hosts, after engine.distributed.initialize) run one sweep in a directory
 they all see: each extracts its block of the languages into its own store and computes the
@@ -26,15 +26,16 @@ from typing import Callable
 
 import pandas as pd
 
-from engine import analysis, distributed, extraction, pairs, planning, rundir, scoring, settings
+from engine import distributed, extraction, pairs, planning, rundir, scoring, settings
 from engine import null, sharding, svcca
 from engine.settings import Settings, SweepError
+from engine.table import results_table, write_table
 
 
 @dataclasses.dataclass
 class SweepResult:
   output_dir: Path
-  table: pd.DataFrame  # engine.analysis.COLUMNS
+  table: pd.DataFrame  # engine.table.COLUMNS
   plan: list
   chunks: int
   chunks_run: int
@@ -76,12 +77,12 @@ def run_sweep(s: Settings, *, overwrite: bool = False,
                               threshold=sc.threshold, dtype=sc.dtype, dims=sc.svd_dims)
   sweep = scoring.score_chunks(plan, pending, places, sweep, manager, metric=sc.metric,
                                perms=perms, mesh=mesh[0], progress=s.run.progress)
-  table = analysis.results_table(plan, sweep["score"], sweep["rank_a"], sweep["rank_b"],
+  table = results_table(plan, sweep["score"], sweep["rank_a"], sweep["rank_b"],
                                  model=s.model.name, metric=sc.metric, n=n,
                                  null=scoring.null_columns(sweep, sc.permutations),
                                  permutations=sc.permutations)
   if leader:
-    analysis.write_table(table, out)
+    write_table(table, out)
   return SweepResult(out, table, plan, len(chunks), len(pending), degenerate(table), n)
 
 

@@ -17,6 +17,8 @@ import pandas as pd
 import pytest
 
 from engine import analysis as A
+from engine import findings as F
+from engine import table as T
 from engine import pairs as P
 from engine.keys import Key
 
@@ -86,16 +88,16 @@ def synthetic_table() -> pd.DataFrame:
   plan = P.make_plan("all+adaptor", list(reps), site_map=SITE_MAP)
   scores, _ = score(reps, plan)
   ranks = np.full(len(plan), D)
-  return A.results_table(plan, scores, ranks, ranks, model="synthetic", metric="svcca", n=N)
+  return T.results_table(plan, scores, ranks, ranks, model="synthetic", metric="svcca", n=N)
 
 
 def test_results_table_columns():
   table = synthetic_table()
-  assert tuple(table.columns) == A.COLUMNS
+  assert tuple(table.columns) == T.COLUMNS
   assert (table.n == N).all() and (table.rank_a == D).all()
   assert table.layer_a.dtype == np.int64 and table.score.dtype == np.float64
   with pytest.raises(ValueError, match=r"score has shape \(2,\), the plan has 3 pairs"):
-    A.results_table([(Key("eng", "text", "t", i), Key("deu", "text", "t", i),
+    T.results_table([(Key("eng", "text", "t", i), Key("deu", "text", "t", i),
                       "cross_lingual_text") for i in range(3)], [0.1, 0.2], model="m",
                     metric="svcca")
 
@@ -179,7 +181,7 @@ def test_language_matrices():
 
 
 def test_summary_is_json_and_states_the_findings(tmp_path):
-  data = A.write_summary(synthetic_table(), tmp_path / "summary.json", languages=LANGUAGES)
+  data = F.write_summary(synthetic_table(), tmp_path / "summary.json", languages=LANGUAGES)
   assert json.loads((tmp_path / "summary.json").read_text()) == data
   found = {(f["finding"], f["where"].get("layer"), f["where"].get("group")): f
            for f in data["findings"]}
@@ -215,7 +217,7 @@ def test_hand_made_table_statistics():
                        site_b="s", layer_b=layer, language_b=lang, modality_b="speech",
                        family="cross_modal", metric="cka", score=s))
   rows.append(dict(rows[0], language_b="deu", family="cross_modal_lingual", score=0.1))
-  table = A.validate_table(pd.DataFrame(rows))
+  table = T.validate_table(pd.DataFrame(rows))
   by_layer = A.similarity_by_layer(table)
   cm = by_layer[by_layer.family == "cross_modal"]
   np.testing.assert_allclose(cm["mean"], [0.3, 0.6])
@@ -229,25 +231,25 @@ def test_hand_made_table_statistics():
   assert A.adaptor_effect(table, languages=LANGUAGES).empty
   (m,) = [m for m in A.language_matrices(table) if m.layer_a == 0]
   assert m.frame.loc["eng", "deu"] == pytest.approx(0.1) and np.isnan(m.frame.loc["deu", "eng"])
-  json.dumps(A.summary(table, languages=LANGUAGES), allow_nan=False)
+  json.dumps(F.summary(table, languages=LANGUAGES), allow_nan=False)
 
 
 def test_table_errors_name_the_file_and_columns(tmp_path):
   table = synthetic_table()
-  table.to_parquet(tmp_path / A.RESULTS_PARQUET)
-  pd.testing.assert_frame_equal(A.load_table(tmp_path), A.validate_table(table))
+  table.to_parquet(tmp_path / T.RESULTS_PARQUET)
+  pd.testing.assert_frame_equal(T.load_table(tmp_path), T.validate_table(table))
   table.to_csv(tmp_path / "other.csv", index=False)
-  assert len(A.load_table(tmp_path / "other.csv")) == len(table)
+  assert len(T.load_table(tmp_path / "other.csv")) == len(table)
   (tmp_path / "empty").mkdir()
   with pytest.raises(ValueError, match=r"no results table in .*results.parquet and results.csv"):
-    A.load_table(tmp_path / "empty")
+    T.load_table(tmp_path / "empty")
   with pytest.raises(ValueError, match=r"results table .*missing.csv does not exist"):
-    A.load_table(tmp_path / "missing.csv")
+    T.load_table(tmp_path / "missing.csv")
   table.drop(columns=["family", "score"]).to_csv(tmp_path / "bad.csv", index=False)
   with pytest.raises(ValueError, match=r"bad.csv lacks column\(s\) family, score"):
-    A.load_table(tmp_path / "bad.csv")
+    T.load_table(tmp_path / "bad.csv")
   (tmp_path / "junk.parquet").write_bytes(b"not parquet")
   with pytest.raises(ValueError, match="junk.parquet is unreadable"):
-    A.load_table(tmp_path / "junk.parquet")
+    T.load_table(tmp_path / "junk.parquet")
   with pytest.raises(ValueError, match="column score holds non-numbers"):
-    A.validate_table(table.assign(score="high"))
+    T.validate_table(table.assign(score="high"))

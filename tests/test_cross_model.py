@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine import analysis, cross_model, planning, rundir, settings, svcca
+from engine import cross_model, planning, rundir, settings, svcca
+from engine import table as table_mod
 from engine import sweep as S
 from engine.keys import Key, model_site, model_slug, split_site
 from engine.store import open_store
@@ -46,7 +47,7 @@ def store_of(out: Path, model: str):
 
 def test_rows_pair_the_two_models_on_the_same_sentences(swept):
   out, result, _, _ = swept
-  table = analysis.load_table(out)
+  table = table_mod.load_table(out)
   assert len(table) == len(result.plan) > 0
   assert set(table.family) == {"cross_model"}
   assert set(table.model_a) == {"seamless-tiny"} and set(table.model_b) == {"sonar-tiny"}
@@ -63,7 +64,7 @@ def test_rows_pair_the_two_models_on_the_same_sentences(swept):
 
 def test_scores_equal_the_kernel_on_the_two_stores(swept):
   out, _, _, _ = swept
-  table = analysis.load_table(out)
+  table = table_mod.load_table(out)
   stores = {m: store_of(out, m) for m in MODELS}
   sides = [list(zip(table[f"model_{s}"], table[f"language_{s}"], table[f"modality_{s}"],
                     table[f"site_{s}"], table[f"layer_{s}"])) for s in "ab"]
@@ -92,7 +93,7 @@ def test_another_model_reuses_the_stores_and_rescores(swept, monkeypatch):
   for m in MODELS:
     assert any(line.startswith(f"{m}: reusing its store") for line in lines), lines
   assert any(line.startswith("seamless-v1-tiny: extracting") for line in lines), lines
-  table = analysis.load_table(out)
+  table = table_mod.load_table(out)
   assert len(table) == len(result.plan)
   pairs_of_models = set(zip(table.model_a, table.model_b))
   assert pairs_of_models == {("seamless-tiny", "sonar-tiny"), ("seamless-tiny", "seamless-v1-tiny"),
@@ -214,12 +215,12 @@ def test_cli_refuses_in_one_line(tmp_path, models, plan, named):
 def test_single_model_tables_name_the_model_on_both_sides():
   keys = [Key(language, "text", "t", 0) for language in ("eng", "deu")]
   plan = [(keys[0], keys[1], "cross_lingual_text")]
-  table = analysis.results_table(plan, [0.5], model="seamless-tiny", metric="svcca")
-  assert list(table.columns) == list(analysis.COLUMNS)
+  table = table_mod.results_table(plan, [0.5], model="seamless-tiny", metric="svcca")
+  assert list(table.columns) == list(table_mod.COLUMNS)
   assert (table.model == "seamless-tiny").all() and (table.model_a == table.model).all()
   assert (table.model_b == table.model).all() and list(table.site_a) == ["t"]
   old = table.drop(columns=["model_a", "model_b"])  # a table written before models were compared
-  assert analysis.validate_table(old)[["model_a", "model_b"]].equals(table[["model_a", "model_b"]])
+  assert table_mod.validate_table(old)[["model_a", "model_b"]].equals(table[["model_a", "model_b"]])
 
 
 def test_sites_named_by_their_model():

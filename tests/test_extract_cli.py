@@ -46,6 +46,24 @@ def test_module_run_then_resume(tmp_path):
   assert again.returncode == 0 and "0 representations completed" in again.stdout
 
 
+def test_salmonn_tiny_writes_every_auditory_layer(tmp_path):
+  """The offline SALMONN runs its whole path: each Whisper, BEATs and Q-Former layer is stored."""
+  env = {**os.environ, "XMODAL_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT)}
+  command = [sys.executable, "-m", "cli.extract", "--model=salmonn-tiny", "--languages=eng",
+             "--modalities=speech", "--max_sentences=2", "--progress=false",
+             f"--output_dir={tmp_path / 'acts'}"]
+  run = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert run.returncode == 0, run.stderr[-2000:]
+  st = open_store(tmp_path / "acts")
+  stored = {(k.site, k.layer) for k in st.keys() if k.modality == "speech"}
+  expected = ({("whisper", l) for l in range(3)} | {("beats", l) for l in range(3)}
+              | {("qformer", l) for l in range(2)} | {("proj", 0)} | {("llm", l) for l in range(4)})
+  assert stored == expected
+  assert st.load(Key("eng", "speech", "beats", 2)).shape == (2, 24)
+  assert st.load(Key("eng", "speech", "whisper", 0)).shape == (2, 32)
+  assert st.metadata["model"]["beats"].startswith("present")
+
+
 @pytest.mark.parametrize("args, message", [
     (["--languages=xx"], "unknown language 'xx'"),
     (["--languages=eng", "--layers=a"], "--layers must be integers, got a"),

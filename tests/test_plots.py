@@ -3,6 +3,7 @@ import pandas as pd
 from PIL import Image
 
 from engine import analysis as A
+from engine import table as T
 from engine import plots
 from tests.test_analysis import LANGS, LANGUAGES, LAYERS, synthetic_table
 
@@ -62,14 +63,14 @@ def test_single_figures(tmp_path):
 
 def test_report_replots_from_the_table_alone(tmp_path):
   from engine import report
-  synthetic_table().to_csv(tmp_path / A.RESULTS_CSV, index=False)
-  stale = tmp_path / A.PLOTS_DIR / "languages_layer42.png"
+  synthetic_table().to_csv(tmp_path / T.RESULTS_CSV, index=False)
+  stale = tmp_path / T.PLOTS_DIR / "languages_layer42.png"
   stale.parent.mkdir()
   stale.write_bytes(b"old")
   result = report.report(tmp_path, languages=LANGUAGES)
-  assert result["summary"] == tmp_path / A.SUMMARY_JSON and result["summary"].is_file()
+  assert result["summary"] == tmp_path / T.SUMMARY_JSON and result["summary"].is_file()
   assert len(result["plots"]) == 3 + LAYERS and not stale.exists()
-  assert all(p.parent == tmp_path / A.PLOTS_DIR for p in result["plots"])
+  assert all(p.parent == tmp_path / T.PLOTS_DIR for p in result["plots"])
   assert result["findings"][0]["rises_with_depth"] is True
   assert "rises with depth" in report.describe(result)
 
@@ -77,7 +78,7 @@ def test_report_replots_from_the_table_alone(tmp_path):
 def test_report_cli_errors_are_one_line_naming_the_file(tmp_path):
   import subprocess
   import sys
-  synthetic_table().drop(columns=["family"]).to_parquet(tmp_path / A.RESULTS_PARQUET)
+  synthetic_table().drop(columns=["family"]).to_parquet(tmp_path / T.RESULTS_PARQUET)
   missing = subprocess.run([sys.executable, "-m", "cli.report", f"--output_dir={tmp_path / 'x'}"],
                            capture_output=True, text=True)
   bad = subprocess.run([sys.executable, "-m", "cli.report", f"--output_dir={tmp_path}"],
@@ -86,5 +87,5 @@ def test_report_cli_errors_are_one_line_naming_the_file(tmp_path):
   assert missing.stderr.strip().splitlines()[-1] == (
       f"report: error: results table {tmp_path / 'x'} does not exist")
   last = bad.stderr.strip().splitlines()[-1]
-  assert last.startswith(f"report: error: results table {tmp_path / A.RESULTS_PARQUET} lacks "
+  assert last.startswith(f"report: error: results table {tmp_path / T.RESULTS_PARQUET} lacks "
                          "column(s) family")

@@ -6,7 +6,8 @@ import pytest
 from engine import models
 from engine.models import base, registry
 
-TINY = ("seamless-tiny", "sonar-tiny", "salmonn-tiny")
+TINY = ("seamless-tiny", "sonar-tiny", "salmonn-tiny", "qwen2-audio-tiny", "voxtral-tiny",
+        "qwen2.5-omni-tiny", "audioflamingo3-tiny", "wav2vec2-tiny", "xlm-r-tiny")
 
 
 @pytest.mark.parametrize("model,family", [
@@ -22,12 +23,17 @@ def test_local_directory_by_config_model_type(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps({"model_type": "seamless_m4t"}))
   assert models.family_of(str(tmp_path)) == "seamless"
   (tmp_path / "config.json").write_text(json.dumps({"model_type": "whisper"}))
-  with pytest.raises(ValueError, match=f"cannot tell which model family '{tmp_path}' is"):
+  assert models.family_of(str(tmp_path)) == "speech-encoders"
+  (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+  with pytest.raises(ValueError, match=f"model '{tmp_path}' has model type 'bert', which no "
+                                       "adapter takes"):
     models.family_of(str(tmp_path))
 
 
 def test_unknown_names_are_refused_naming_the_families():
-  with pytest.raises(ValueError, match=r"'whisper-large'.*\['salmonn', 'seamless', 'sonar'\]"):
+  with pytest.raises(ValueError, match=r"'whisper-large'.*\['audioflamingo3', 'qwen2-audio', "
+                                       r"'qwen2.5-omni', 'salmonn', 'seamless', 'sonar', "
+                                       r"'speech-encoders', 'text-encoders', 'voxtral'\]"):
     models.site_map_of("whisper-large")
 
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaModel, WhisperConfig, WhisperFeatureExtractor
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-from engine.models import convert_salmonn, salmonn
+from engine.models import beats, convert_beats, convert_salmonn, salmonn, salmonn_modules
 
 H, HEADS, INTER, QF_LAYERS = 16, 2, 32, 2
 WHISPER, BEATS, LLM, LLM_LAYERS, RANK, ALPHA = 32, 8, 32, 3, 2, 8.0
@@ -162,11 +162,18 @@ def test_qformer_matches_lavis_reference(converted):
   torch.testing.assert_close(got, lavis_qformer(sd, windows), rtol=1e-4, atol=1e-4)
 
 
+def _tiny_beats(seed=5):
+  return beats.build_tiny(seed, encoder_embed_dim=BEATS, encoder_attention_heads=2,
+                          encoder_ffn_embed_dim=16)
+
+
 def test_auditory_path_matches_salmonn_reference(converted):
   sd, model, _ = converted
   features = torch.randn(2, 80, 3000, generator=torch.Generator().manual_seed(2))
   with torch.no_grad():
-    whisper_out, q_out, tokens = model.auditory(features, 17, 17)
+    stages = model.auditory(features, 17, 17)
+    whisper_out, q_out, tokens = stages.whisper[-1], stages.qformer[-1], stages.tokens
+    assert stages.beats is None
     speech = _ln(whisper_out, sd, "ln_speech", 1e-5)
     # No BEATs encoder: its channels are zero, as SALMONN pads past BEATs' output.
     both = torch.cat([speech, speech.new_zeros(2, 1500, BEATS)], dim=-1)
@@ -174,6 +181,46 @@ def test_auditory_path_matches_salmonn_reference(converted):
     ref = lavis_qformer(sd, wins.reshape(2 * 88, 17, -1)).reshape(2, 88, H)
   torch.testing.assert_close(q_out, ref, rtol=1e-4, atol=1e-4)
   torch.testing.assert_close(tokens, _lin(ref, sd, "speech_llama_proj"), rtol=1e-4, atol=1e-4)
+
+
+def test_auditory_path_with_beats_matches_salmonn_reference(converted):
+  """SALMONN's _encode_auditory_feature: ln_audio on BEATs' output, zero-padded at the end to
+  Whisper's 1500 frames, concatenated after ln_speech(Whisper) frame by frame, windowed."""
+  sd, model, _ = converted
+  gen = torch.Generator().manual_seed(4)
+  features = torch.randn(2, 80, 3000, generator=gen)
+  waves = [0.1 * torch.randn(16000, generator=gen), 0.1 * torch.randn(40000, generator=gen)]
+  model.beats = _tiny_beats()
+  try:
+    with torch.no_grad():
+      stages = model.auditory(features, 17, 17, waves)
+      audio = [model.beats(w[None]).last_hidden_state[0] for w in waves]
+  finally:
+    model.beats = None
+  assert [len(a) for a in audio] == [48, 8 * (248 // 16)]
+  assert [[x.shape[0] for x in layer] for layer in stages.beats] == [[48, 120]] * 3
+  speech = _ln(stages.whisper[-1], sd, "ln_speech", 1e-5)
+  both = torch.zeros(2, 1500, WHISPER + BEATS)
+  both[:, :, :WHISPER] = speech
+  for i, a in enumerate(audio):
+    both[i, :len(a), WHISPER:] = _ln(a, sd, "ln_audio", 1e-5)
+  wins = torch.stack([both[:, w * 17:(w + 1) * 17] for w in range(88)], dim=1)
+  with torch.no_grad():
+    ref = lavis_qformer(sd, wins.reshape(2 * 88, 17, -1)).reshape(2, 88, H)
+  torch.testing.assert_close(stages.qformer[-1], ref, rtol=1e-4, atol=1e-4)
+  torch.testing.assert_close(stages.tokens, _lin(ref, sd, "speech_llama_proj"), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("speech_len, audio_len", [(5, 3), (3, 5), (4, 4)])
+def test_align_pads_the_shorter_stream(speech_len, audio_len):
+  gen = torch.Generator().manual_seed(speech_len)
+  speech, audio = torch.randn(2, speech_len, 3, generator=gen), torch.randn(2, audio_len, 2, generator=gen)
+  got = salmonn_modules.align(speech, audio).numpy()
+  n = max(speech_len, audio_len)
+  want = np.zeros((2, n, 5))
+  want[:, :speech_len, :3] = speech.numpy()
+  want[:, :audio_len, 3:] = audio.numpy()
+  np.testing.assert_array_equal(got, want)
 
 
 def test_lora_layers_add_the_scaled_low_rank_update(converted):
@@ -199,16 +246,21 @@ def test_adapter_on_converted_model_with_and_without_beats(converted, tokenizer)
   adapter = salmonn.SalmonnAdapter(name="synthetic", tokenizer=tokenizer,
                                    feature_extractor=WhisperFeatureExtractor(), model=model)
   wave = (0.1 * np.random.default_rng(0).standard_normal(9000)).astype(np.float32)
-  assert "zeros" in adapter.describe()["beats"]
-  without = adapter.run_speech([wave], 16000, "eng")[("qformer", 0)].hidden
-  model.beats = lambda waves, pad: torch.ones(waves.shape[0], 40, BEATS)
+  assert "zeros" in adapter.describe()["beats"] and adapter.describe()["without_beats"]
+  without = adapter.run_speech([wave], 16000, "eng")
+  assert ("beats", 0) not in without
+  model.beats = _tiny_beats()
   try:
-    assert adapter.describe()["beats"] == "present"
-    with_beats = adapter.run_speech([wave], 16000, "eng")[("qformer", 0)].hidden
+    assert adapter.describe()["beats"].startswith("present")
+    with_beats = adapter.run_speech([wave], 16000, "eng")
   finally:
     model.beats = None
-  assert not torch.allclose(with_beats[:, :2], without[:, :2])  # windows over BEATs frames 0..39
-  torch.testing.assert_close(with_beats[:, 3:], without[:, 3:])  # past BEATs' output: zeros again
+  # 9000 samples, padded to 1 s: 48 BEATs tokens, inside windows 0..2 (frames 0..50)
+  assert with_beats[("beats", 2)].hidden.shape == (1, 48, BEATS)
+  assert with_beats[("beats", 2)].mask.sum().item() == 8 * math.ceil(9000 / 2560)
+  q_with, q_without = with_beats[("qformer", 1)].hidden, without[("qformer", 1)].hidden
+  assert not torch.allclose(q_with[:, :3], q_without[:, :3])
+  torch.testing.assert_close(q_with[:, 3:], q_without[:, 3:])  # past BEATs' output: zeros again
   text = adapter.run_text(["Guten Tag."], "deu")
   assert text[("llm", LLM_LAYERS)].hidden.shape[-1] == LLM
 
@@ -226,3 +278,75 @@ def test_checkpoint_errors_name_the_keys(tmp_path):
   assert set(convert_salmonn.model_state(str(path))) == set(sd)
   with pytest.raises(ValueError, match="nothing.pth"):
     convert_salmonn.model_state(str(tmp_path / "nothing.pth"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading a released-layout directory: whisper/, vicuna/, the SALMONN .pth and BEATs_*.pt.
+
+
+@pytest.fixture(scope="module")
+def release_dir(tmp_path_factory):
+  from transformers import WhisperModel  # pylint: disable=import-outside-toplevel
+  from tests.test_salmonn_tokenizer import train_llama_spm  # pylint: disable=import-outside-toplevel
+  root = tmp_path_factory.mktemp("salmonn")
+  (root / "vicuna").mkdir()
+  train_llama_spm(root / "vicuna", 400)
+  whisper, llama = _pretrained_parts(400)
+  with torch.random.fork_rng(devices=[]):
+    torch.manual_seed(7)
+    full = WhisperModel(whisper.config)
+  full.save_pretrained(root / "whisper")
+  WhisperFeatureExtractor().save_pretrained(root / "whisper")
+  llama.save_pretrained(root / "vicuna")
+  torch.save(synthetic_checkpoint(), root / "salmonn_v1.pth")
+  beats_file = root / "BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt"
+  torch.save(convert_beats.released(_tiny_beats(seed=9)), beats_file)
+  return root, beats_file
+
+
+def _without(root, name, tmp_path):
+  """A copy of the release directory (symlinks) lacking one file."""
+  copy = tmp_path / "release"
+  copy.mkdir()
+  for entry in root.iterdir():
+    if entry.name != name:
+      (copy / entry.name).symlink_to(entry)
+  return copy
+
+
+def test_release_directory_loads_every_part(release_dir):
+  root, beats_file = release_dir
+  adapter = salmonn.load(str(root), qformer_heads=HEADS, lora_alpha=ALPHA)
+  info = adapter.describe()
+  assert info["beats"].startswith("present") and info["without_beats"] is False
+  assert info["weights"]["beats"] == str(beats_file)
+  assert info["weights"]["checkpoint"] == str(root / "salmonn_v1.pth")
+  assert info["tokenizer"]["class"] == "SlowLlamaTokenizer" and info["tokenizer"]["size"] == 401
+  expected = convert_beats.load(beats_file).state_dict()
+  for key, value in adapter.model.beats.state_dict().items():
+    assert torch.equal(value, expected[key]), key
+  wave = (0.1 * np.random.default_rng(1).standard_normal(20000)).astype(np.float32)
+  out = adapter.run_speech([wave], 16000, "eng")
+  assert {k for k in out if k[0] == "beats"} == {("beats", l) for l in range(3)}
+  assert {k for k in out if k[0] == "whisper"} == {("whisper", 0), ("whisper", 1)}
+
+
+def test_beats_is_required_unless_waived(release_dir, tmp_path):
+  root, beats_file = release_dir
+  bare = _without(root, beats_file.name, tmp_path)
+  with pytest.raises(ValueError, match="reads 8 BEATs channels .* no BEATs checkpoint was given"):
+    salmonn.load(str(bare), qformer_heads=HEADS, lora_alpha=ALPHA)
+  waived = salmonn.load(str(bare), qformer_heads=HEADS, lora_alpha=ALPHA, without_beats=True)
+  info = waived.describe()
+  assert info["without_beats"] is True and info["beats"].startswith("ABSENT")
+  assert info["weights"]["beats"] is None and "beats" not in {s["name"] for s in info["sites"]}
+  with pytest.raises(ValueError, match="not both"):
+    salmonn.load(str(root), qformer_heads=HEADS, without_beats=True)
+
+
+def test_beats_of_the_wrong_width_is_refused(release_dir, tmp_path):
+  root, _ = release_dir
+  wide = tmp_path / "BEATs_wide.pt"
+  torch.save(convert_beats.released(beats.build_tiny(0)), wide)  # 24 channels, not 8
+  with pytest.raises(ValueError, match="gives 24 channels"):
+    salmonn.load(str(root), beats=str(wide), qformer_heads=HEADS)

@@ -12,8 +12,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from engine import analysis, null, pairs, rundir, scoring, settings, svcca
+from engine import null, pairs, rundir, scoring, settings, svcca
 from engine import sweep as S
+from engine import table as T
 from engine.keys import Key
 from engine.store import open_store
 from tests import reference
@@ -58,8 +59,8 @@ def test_default_plan_end_to_end(full):
   assert "pairs in 7 chunks" in stdout and "cross_lingual_speech" in stdout
   table = pd.read_parquet(out / "results.parquet")
   csv = pd.read_csv(out / "results.csv")
-  assert list(table.columns) == list(analysis.COLUMNS) == list(csv.columns)
-  pd.testing.assert_frame_equal(analysis.validate_table(csv), analysis.validate_table(table))
+  assert list(table.columns) == list(T.COLUMNS) == list(csv.columns)
+  pd.testing.assert_frame_equal(T.validate_table(csv), T.validate_table(table))
   assert set(table.family) == {"cross_modal", "cross_lingual_text", "cross_lingual_speech",
                                "adaptor"}
   assert (table.model == "seamless-tiny").all() and (table.metric == "svcca").all()
@@ -175,7 +176,7 @@ def test_other_models_sweep_end_to_end(model, families, cache, tmp_path, monkeyp
                        threshold=THRESHOLD, output_dir=str(tmp_path), progress=False,
                        permutations=0)
   result = S.run_sweep(config, log=lambda line: None)
-  table = analysis.load_table(tmp_path)
+  table = T.load_table(tmp_path)
   assert set(table.family) == families and len(table) == len(result.plan)
   assert {"text", "speech"} <= set(table.modality_a) | set(table.modality_b)
   assert np.isfinite(table.score).all() and table.score.between(0, 1 + 1e-6).all()

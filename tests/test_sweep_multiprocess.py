@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from engine import analysis
+from engine import table as T
 from engine import rundir, scoring
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,7 +81,7 @@ def test_two_processes_give_the_table_of_one(runs):
   one, stdout, two, killed, resumed = runs
   table = pd.read_parquet(one / "results.parquet")
   shared = pd.read_parquet(two / "results.parquet")
-  assert list(shared.columns) == list(table.columns) == list(analysis.COLUMNS)
+  assert list(shared.columns) == list(table.columns) == list(T.COLUMNS)
   scores = ["score", "null_mean", "null_sd", "z", "p_value"]
   key = [c for c in table.columns if c not in scores]
   pd.testing.assert_frame_equal(shared[key], table[key])  # same rows, same order, same ranks

@@ -14,7 +14,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from engine import analysis as A
+from engine import findings as F
+from engine import table as T
 from engine import uncertainty as U
 from engine.data.languages import DEFAULT_LANGUAGES, language_table
 from engine.keys import Key
@@ -60,7 +61,7 @@ def simulate(rng, *, layers=3, true_cm=0.10, true_cl=0.10, slope=0.0, adaptor=0.
   frame["score"] = frame.true + frame.null_mean + rng.normal(0, noise_sd, len(frame))
   frame["z"] = (frame.score - frame.null_mean) / ROW["null_sd"]
   frame["p_value"] = np.where(frame.z > 3, 0.005, 0.5)
-  return A.validate_table(frame.drop(columns="true").assign(**ROW))
+  return T.validate_table(frame.drop(columns="true").assign(**ROW))
 
 
 def by_name(found):
@@ -72,7 +73,7 @@ def test_chance_correction_removes_a_null_level_confound():
   the raw gap is clearly non-zero, the chance-corrected one covers 0; same for an adaptor
   that only moves the chance level."""
   table = simulate(np.random.default_rng(1))
-  found = by_name(A.findings(table, languages=language_table()))
+  found = by_name(F.findings(table, languages=language_table()))
   gap = found[("modality_vs_language_gap_mean", None, None)]
   assert gap["basis"] == "chance-corrected"
   assert gap["raw"] == pytest.approx(NULL["cross_lingual_text"] - NULL["cross_modal"], abs=0.01)
@@ -87,7 +88,7 @@ def test_chance_correction_removes_a_null_level_confound():
 
 def test_a_designed_real_effect_is_detected():
   table = simulate(np.random.default_rng(2), true_cm=0.07, slope=0.01, adaptor=0.03)
-  found = by_name(A.findings(table, languages=language_table()))
+  found = by_name(F.findings(table, languages=language_table()))
   gap = found[("modality_vs_language_gap_mean", None, None)]  # 0.10 - 0.07 - 0.01 (mean slope)
   assert gap["ci_low"] > 0 and gap["beyond_chance"] is True
   assert gap["estimate"] == pytest.approx(0.02, abs=0.01)
@@ -102,19 +103,19 @@ def test_a_designed_real_effect_is_detected():
 
 def test_without_a_null_findings_are_raw_and_say_so(tmp_path):
   table = simulate(np.random.default_rng(3), cross_lingual=False)
-  table[list(A.NULL_COLUMNS)] = np.nan
+  table[list(T.NULL_COLUMNS)] = np.nan
   table["permutations"] = 0
-  found = A.findings(table, languages=language_table())
+  found = F.findings(table, languages=language_table())
   assert {f["basis"] for f in found} == {"raw (no null)"}
   for f in found:
     assert f["estimate"] == f["raw"] and f["beyond_chance"] is None
     assert "raw (no null)" in f["text"] and "chance level unknown" in f["text"]
   # Old tables, written before the null, read with NaN there.
-  old = table.drop(columns=[*A.NULL_COLUMNS, "permutations"])
+  old = table.drop(columns=[*T.NULL_COLUMNS, "permutations"])
   old.to_csv(tmp_path / "old.csv", index=False)
-  back = A.load_table(tmp_path / "old.csv")
+  back = T.load_table(tmp_path / "old.csv")
   assert back.null_mean.isna().all() and (back.permutations == 0).all()
-  assert set(A.COLUMNS) - {"rank_a", "rank_b"} <= set(back.columns)
+  assert set(T.COLUMNS) - {"rank_a", "rank_b"} <= set(back.columns)
 
 
 def test_intervals_cover_the_designed_value_at_their_nominal_rate():
@@ -127,7 +128,7 @@ def test_intervals_cover_the_designed_value_at_their_nominal_rate():
     table = simulate(rng, layers=2, true_cm=0.08, slope=0.01, adaptor_rows=False,
                      language_sd=0.03, noise_sd=0.01, modalities=("text",),
                      cross_lingual_layers=(0,))
-    found = by_name(A.findings(table, languages=language_table(),
+    found = by_name(F.findings(table, languages=language_table(),
                                only=("cross_modal_trend", "modality_vs_language_gap")))
     trend = found[("cross_modal_trend", None, None)]
     covered["trend"] += trend["ci_low"] <= 0.01 <= trend["ci_high"]
@@ -178,21 +179,21 @@ def test_sentence_bootstrap_rescoring_recomputes_the_findings():
   def rescore(rows):
     return base * (0.9 + 0.2 * len(np.unique(rows)) / 64)
 
-  out = A.sentence_bootstrap(table, rescore, replicates=6, seed=3,
+  out = F.sentence_bootstrap(table, rescore, replicates=6, seed=3,
                              languages=language_table())
   ids = {r["id"] for r in out}
-  assert ids == set(A.point_findings(table, languages=language_table()))
+  assert ids == set(F.point_findings(table, languages=language_table()))
   for r in out:
     assert r["replicates"] == 6 and r["sentence_ci_low"] < r["sentence_ci_high"]
   with pytest.raises(ValueError, match="--bootstrap needs at least 2 replicates"):
-    A.sentence_bootstrap(table, rescore, replicates=1)
+    F.sentence_bootstrap(table, rescore, replicates=1)
   two = table[table.language_a.isin(["eng", "deu"]) & table.language_b.isin(["eng", "deu"])]
   with pytest.raises(ValueError, match="--bootstrap needs at least 3 languages, the table has 2"):
-    A.sentence_bootstrap(two, rescore, replicates=2)
+    F.sentence_bootstrap(two, rescore, replicates=2)
   with pytest.raises(ValueError, match=r"rescore returned shape \(3,\)"):
-    A.sentence_bootstrap(table, lambda rows: np.zeros(3), replicates=2)
-  data = A.summary(table, languages=language_table(), sentence=out)
-  json.dumps(A.jsonable(data), allow_nan=False)
+    F.sentence_bootstrap(table, lambda rows: np.zeros(3), replicates=2)
+  data = F.summary(table, languages=language_table(), sentence=out)
+  json.dumps(F.jsonable(data), allow_nan=False)
   assert all("over sentences [" in f["text"] for f in data["findings"])
 
 

@@ -17,14 +17,16 @@ Vicuna come from their own releases. Key mapping (LAVIS BERT Q-Former -> transfo
                                                              -> llm.base_model.model.layers.N.<path>.lora_{A,B}.default.weight
 Dropped on purpose (and listed in the report): the Q-Former's unused text branch
 (`.intermediate.`, `.output.` of each layer, `cls.*`, `position_ids`), BEATs weights and any
-non-LoRA LLaMA weights (Vicuna is loaded from its own checkpoint).
+non-LoRA LLaMA weights (Vicuna is loaded from its own checkpoint). SALMONN's .pth holds no BEATs
+weights of its own (BEATs is frozen); the released BEATs checkpoint comes in through
+`engine.models.convert_beats` and `build_model(beats=...)`.
 """
 from __future__ import annotations
 
 import dataclasses
 import re
 import warnings
-from typing import Callable, Mapping
+from typing import Mapping
 
 import torch
 
@@ -120,10 +122,11 @@ def shapes(state: Mapping[str, torch.Tensor]) -> Shapes:
 
 def build_model(checkpoint, whisper: torch.nn.Module, llama: torch.nn.Module, *,
                 qformer_heads: int = 12, lora_alpha: float = 32.0,
-                beats: Callable | None = None) -> SalmonnModel:
+                beats: torch.nn.Module | None = None) -> SalmonnModel:
   """SalmonnModel around pretrained Whisper encoder and `LlamaModel`, with the checkpoint's
   Q-Former, projection, layer norms and LoRA weights. Heads and LoRA alpha are not in the
-  shapes: SALMONN uses BERT-base's 12 heads and lora_alpha=32."""
+  shapes: SALMONN uses BERT-base's 12 heads and lora_alpha=32. `beats`: the BEATs encoder
+  (`engine.models.beats.Beats`) a checkpoint with ln_audio reads; None feeds zeros."""
   # pylint: disable=import-outside-toplevel
   import peft
   from transformers import Blip2QFormerConfig, Blip2QFormerModel

@@ -1,51 +1,62 @@
 """SALMONN seen as sites of activations, rebuilt from transformers components.
 
-SALMONN (Tang et al., ICLR 2024): Whisper's encoder (+ a BEATs audio stream, optional here),
-each stream layer-normed and concatenated, cut into ~0.33 s windows (17 frames of Whisper's
-50 Hz output, stride 17) that a BLIP-2 Q-Former reads with one learned query per window; a
-linear layer projects the window tokens into Vicuna/LLaMA (LoRA on q_proj/v_proj), where they
-replace <SpeechHere> in "USER: <Speech><SpeechHere></Speech> {instruction}\\nASSISTANT:".
+SALMONN (Tang et al., ICLR 2024): Whisper's encoder and a BEATs audio encoder
+(`engine.models.beats`), each stream layer-normed and concatenated frame by frame
+(`salmonn_modules.align`), cut into ~0.33 s windows (17 frames of Whisper's 50 Hz output,
+stride 17) that a BLIP-2 Q-Former reads with one learned query per window; a linear layer
+projects the window tokens into Vicuna/LLaMA (LoRA on q_proj/v_proj), where they replace
+<SpeechHere> in "USER: <Speech><SpeechHere></Speech> {instruction}\\nASSISTANT:".
 Whisper always sees 30 s (inputs are padded or cut there), so every utterance gives 88
 window tokens. Text enters the LLM embeddings directly, by default in the same template in
 place of the speech tokens (`text_prompt='plain'` feeds BOS + the sentence only).
 
-Sites (key = (site, layer)):
-* ('whisper', 0)  speech: Whisper encoder output (after its final LayerNorm), 50 Hz frames.
-* ('qformer', 0)  speech: Q-Former output, one vector per window and query (the length
-  adaptation), before the projection.
+Sites (key = (site, layer)); layer 0 is a stage's input, the last its output, as in
+transformers' `output_hidden_states`:
+* ('whisper', l), l = 0..Lw  speech: l=0 Whisper's conv + positional embeddings, l=1..Lw-1 the
+  encoder blocks, l=Lw the output after its final LayerNorm; 50 Hz frames (1500 per 30 s).
+* ('beats', l), l = 0..Lb  speech, when a BEATs encoder is loaded: l=0 the encoder input (patch
+  embeddings after the positional convolution), l=1..Lb the blocks (Lb = what SALMONN reads);
+  the utterance's own tokens (BEATs sees the waveform itself, padded to 1 s as SALMONN does).
+* ('qformer', l), l = 0..Lq-1  speech: the output of Q-Former block l+1, one vector per window
+  and query (the length adaptation); its input, the learned queries, is the same everywhere.
+* ('proj', 0)  speech: the window tokens projected into the LLM's embedding space.
 * ('llm', l), l = 0..L, text and speech: l=0 the LLM input embeddings (token embeddings /
   projected window tokens), l=1..L-1 the decoder block outputs, l=L the final RMSNorm output
   (transformers' `output_hidden_states` convention).
-Masks (`mask_scope`): 'sentence' (default) keeps only the sentence's own positions: frames and
-windows that overlap the utterance, the sentence's tokens inside the prompt; never the
-template, BOS or the silence Whisper pads to 30 s. 'all' keeps every computed position. The
-LLM is causal, so sentence positions never see the template text to their right.
+Masks (`mask_scope`): 'sentence' (default) keeps only the sentence's own positions: frames,
+BEATs tokens and windows that overlap the utterance, the sentence's tokens inside the prompt;
+never the template, BOS or the silence Whisper pads to 30 s. 'all' keeps every computed
+position. The LLM is causal, so sentence positions never see the template text to their right.
 """
 from __future__ import annotations
 
 import dataclasses
 import glob
-import math
 import os
 import warnings
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from engine.models import beats as beats_model
 from engine.models import bpe, common
 from engine.models.base import Capture, Family, Site
 from engine.models.common import SAMPLING_RATE, TorchAdapter, recording
-from engine.models.salmonn_modules import SalmonnModel
+from engine.models.salmonn_modules import SalmonnModel, pad_rows
 
 WHISPER_SITE = "whisper"
+BEATS_SITE = "beats"
 QFORMER_SITE = "qformer"
+PROJ_SITE = "proj"
 LLM_SITE = "llm"
 FAMILY = Family(
     name="salmonn", random=r"salmonn-tiny$",
-    site_map={"text": LLM_SITE, "speech": (LLM_SITE, WHISPER_SITE, QFORMER_SITE),
+    site_map={"text": LLM_SITE,
+              "speech": (LLM_SITE, WHISPER_SITE, BEATS_SITE, QFORMER_SITE, PROJ_SITE),
               "pre_adaptor": WHISPER_SITE, "post_adaptor": QFORMER_SITE})
+MIN_SAMPLES = SAMPLING_RATE  # SALMONN pads shorter audio with silence to 1 s
 PROMPT_TEMPLATE = "USER: <Speech><SpeechHere></Speech> {}\nASSISTANT:"
 SPEECH_SLOT = "<SpeechHere>"
 DEFAULT_INSTRUCTION = "Recognize the speech and give me the transcription."
@@ -101,8 +112,9 @@ def tiny_llama_tokenizer():
   return LlamaTokenizer(vocab=vocab, merges=merges)
 
 
-def build_tiny(seed: int = 0):
-  """(tokenizer, feature extractor, SalmonnModel) with tiny random weights, no BEATs."""
+def build_tiny(seed: int = 0, with_beats: bool = True):
+  """(tokenizer, feature extractor, SalmonnModel) with tiny random weights and a tiny random
+  BEATs (`beats.TINY_CFG`), so the offline default runs every stage of the real path."""
   # pylint: disable=import-outside-toplevel
   import peft
   from transformers import (Blip2QFormerConfig, Blip2QFormerModel, LlamaConfig, LlamaModel,
@@ -116,8 +128,8 @@ def build_tiny(seed: int = 0):
       activation_dropout=0.0, encoder_layerdrop=0.0)
   qformer_cfg = Blip2QFormerConfig(
       hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-      cross_attention_frequency=1, encoder_hidden_size=32, hidden_dropout_prob=0.0,
-      attention_probs_dropout_prob=0.0)
+      cross_attention_frequency=1, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+      encoder_hidden_size=32 + beats_model.TINY_CFG["encoder_embed_dim"])
   llama_cfg = LlamaConfig(
       vocab_size=TINY_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
@@ -130,8 +142,13 @@ def build_tiny(seed: int = 0):
     whisper = WhisperEncoder(whisper_cfg)
     qformer = Blip2QFormerModel(qformer_cfg)
     llm = peft.get_peft_model(LlamaModel(llama_cfg), lora)
-    model = SalmonnModel(whisper, qformer, llm)
+    audio = beats_model.build_tiny(seed) if with_beats else None
+    model = SalmonnModel(whisper, qformer, llm, beats=audio,
+                         beats_dim=beats_model.TINY_CFG["encoder_embed_dim"])
     nn.init.normal_(model.query_tokens, std=0.02)
+    for norm in (model.ln_speech, model.ln_audio):  # not the identity: exercise both
+      nn.init.normal_(norm.weight, 1.0, 0.2)
+      nn.init.normal_(norm.bias, 0.0, 0.2)
   return tokenizer, WhisperFeatureExtractor(), model
 
 
@@ -167,8 +184,12 @@ class SalmonnAdapter(TorchAdapter):
 
   def sites(self) -> list[Site]:
     n = self.model.llama.config.num_hidden_layers + 1
-    return [Site(WHISPER_SITE, "speech", 1), Site(QFORMER_SITE, "speech", 1),
-            Site(LLM_SITE, "text", n), Site(LLM_SITE, "speech", n)]
+    out = [Site(WHISPER_SITE, "speech", self.model.whisper.config.encoder_layers + 1)]
+    if self.model.beats is not None:
+      out.append(Site(BEATS_SITE, "speech", self.model.beats.cfg.encoder_layers + 1))
+    return out + [Site(QFORMER_SITE, "speech", self.model.qformer.config.num_hidden_layers),
+                  Site(PROJ_SITE, "speech", 1), Site(LLM_SITE, "text", n),
+                  Site(LLM_SITE, "speech", n)]
 
   def run_text(self, texts: Sequence[str], language: str) -> dict[tuple[str, int], Capture]:
     del language  # the LLM takes every language through the same tokenizer
@@ -195,14 +216,17 @@ class SalmonnAdapter(TorchAdapter):
     waves = [np.asarray(a, dtype=np.float32)[:limit] for a in audios]  # SALMONN cuts at 30 s
     feats = self.features(waves, sampling_rate=SAMPLING_RATE, return_tensors="pt")
     feats = feats["input_features"].to(self.device, self.dtype)
-    wave_batch, wave_pad = _pad_waves(waves, self.device, self.dtype)
+    # BEATs reads the waveform itself, which SALMONN pads with silence to at least 1 s.
+    raw = [torch.from_numpy(np.pad(w, (0, max(0, MIN_SAMPLES - len(w))))).to(self.device)
+           for w in waves]
     with torch.inference_mode():
-      whisper_out, q_out, tokens = self.model.auditory(feats, self.kernel, self.stride,
-                                                       wave_batch, wave_pad)
-    frames = whisper_out.shape[1]
-    valid = torch.tensor([math.ceil(len(w) / self.frame_samples) for w in waves], device=self.device)
+      stages = self.model.auditory(feats, self.kernel, self.stride, raw)
+    frames = stages.whisper[0].shape[1]
+    lengths = torch.tensor([len(w) for w in waves], device=self.device)
+    valid = torch.ceil(lengths / self.frame_samples).long()
     frame_mask = torch.arange(frames, device=self.device)[None] < valid[:, None]
-    starts = torch.arange(q_out.shape[1] // self.model.num_queries, device=self.device) * self.stride
+    windows_out = stages.tokens.shape[1] // self.model.num_queries
+    starts = torch.arange(windows_out, device=self.device) * self.stride
     window_mask = (starts[None] < valid[:, None]).repeat_interleave(self.model.num_queries, dim=1)
     if self.options.mask_scope == "all":
       frame_mask = torch.ones_like(frame_mask)
@@ -211,29 +235,57 @@ class SalmonnAdapter(TorchAdapter):
     with torch.inference_mode():
       left = embed(torch.tensor(self._left, dtype=torch.long, device=self.device))
       right = embed(torch.tensor(self._right, dtype=torch.long, device=self.device))
-    rows = [[left, tokens[i], right] for i in range(len(waves))]
+    rows = [[left, stages.tokens[i], right] for i in range(len(waves))]
     spans = [(1, window_mask[i]) for i in range(len(waves))]
     out = self._llm_captures(rows, spans)
-    out[(WHISPER_SITE, 0)] = Capture(whisper_out, frame_mask)
-    out[(QFORMER_SITE, 0)] = Capture(q_out, window_mask)
+    for l, hidden in enumerate(stages.whisper):
+      out[(WHISPER_SITE, l)] = Capture(hidden, frame_mask)
+    if stages.beats is not None:
+      beats_mask = self._beats_mask([x.shape[0] for x in stages.beats[0]], lengths)
+      for l, per_item in enumerate(stages.beats):
+        out[(BEATS_SITE, l)] = Capture(pad_rows(per_item), beats_mask)
+    for l, hidden in enumerate(stages.qformer):
+      out[(QFORMER_SITE, l)] = Capture(hidden, window_mask)
+    out[(PROJ_SITE, 0)] = Capture(stages.tokens, window_mask)
     return out
 
   def describe(self) -> dict:
     o = self.options
-    beats = ("absent: Q-Former has no BEATs channels" if not self.model.beats_dim else
-             "present" if self.model.beats is not None else
-             "absent: the Q-Former's BEATs channels are fed zeros")
     return {
-        **super().describe(), "beats": beats,
+        **super().describe(), "beats": self._beats_state(),
+        "without_beats": self.model.beats_dim > 0 and self.model.beats is None,
         "window_frames": self.kernel, "stride_frames": self.stride, "windows": self.n_windows,
         "queries_per_window": self.model.num_queries, "chunk_seconds": self.chunk_seconds,
         "prompt_template": o.prompt_template, "instruction": o.instruction,
         "text_prompt": o.text_prompt, "mask_scope": o.mask_scope,
-        "layer_convention": "llm: 0 = input embeddings, 1..L-1 = blocks, L = final RMSNorm output",
+        "layer_convention": ("0 = a stage's input, last = its output; whisper: last = after the "
+                             "final LayerNorm; llm: L = final RMSNorm output; qformer: l = "
+                             "block l+1"),
         "sites": [dataclasses.asdict(s) for s in self.sites()],
     }
 
   # -- helpers ----------------------------------------------------------------------------------
+
+  def _beats_state(self) -> str:
+    if not self.model.beats_dim:
+      return "absent: the Q-Former has no BEATs channels"
+    if self.model.beats is None:
+      return ("ABSENT (without_beats): the Q-Former's BEATs channels are fed zeros, so every "
+              "Q-Former, projection and speech LLM activation differs from SALMONN's")
+    cfg = self.model.beats.cfg
+    return f"present: {cfg.encoder_layers} blocks, {cfg.encoder_embed_dim} channels"
+
+  def _beats_mask(self, counts: list[int], lengths: torch.Tensor) -> torch.Tensor:
+    """[B, max count] validity of BEATs tokens: each item's own tokens; with mask_scope
+    'sentence' only those whose time patch starts inside the utterance (not the 1 s pad)."""
+    index = torch.arange(max(counts), device=self.device)[None]
+    mask = index < torch.tensor(counts, device=self.device)[:, None]
+    if self.options.mask_scope == "sentence":
+      patch = self.model.beats.cfg.input_patch_size
+      bands = beats_model.MEL_BINS // patch
+      hop = int(SAMPLING_RATE * beats_model.FRAME_SHIFT_MS / 1000)
+      mask &= (index // bands) * patch * hop < lengths[:, None]
+    return mask
 
   def _ids(self, text: str) -> list[int]:
     return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
@@ -263,17 +315,6 @@ class SalmonnAdapter(TorchAdapter):
     return {(LLM_SITE, l): Capture(h, mask) for l, h in enumerate(hidden)}
 
 
-def _pad_waves(waves: list[np.ndarray], device, dtype):
-  """Waveforms -> [B, S] batch and a [B, S] padding mask (True = padding), for BEATs."""
-  length = max(len(w) for w in waves)
-  batch = torch.zeros(len(waves), length, dtype=dtype, device=device)
-  pad = torch.ones(len(waves), length, dtype=torch.bool, device=device)
-  for i, w in enumerate(waves):
-    batch[i, : len(w)] = torch.tensor(w, dtype=dtype, device=device)
-    pad[i, : len(w)] = False
-  return batch, pad
-
-
 # ---------------------------------------------------------------------------------------------
 # Loading.
 
@@ -286,54 +327,90 @@ def _options(kw: dict) -> SalmonnOptions:
   return SalmonnOptions(**kw)
 
 
-def _resolve(model: str, whisper, llm, checkpoint) -> tuple[str, str, str]:
-  """Whisper/LLM/checkpoint locations from explicit paths, a local directory or a recipe."""
+def _is_beats(path: str) -> bool:
+  return os.path.basename(path).lower().startswith("beats")
+
+
+def _resolve(model: str, whisper, llm, checkpoint, beats) -> tuple[str, str, str, object]:
+  """Whisper/LLM/checkpoint/BEATs locations from explicit paths, a local directory or a recipe."""
   recipe = RECIPES.get(model.lower(), {})
   if os.path.isdir(model):
     whisper = whisper or os.path.join(model, "whisper")
     llm = llm or next((os.path.join(model, d) for d in ("vicuna", "llm", "llama")
                        if os.path.isdir(os.path.join(model, d))), None)
     found = sorted(glob.glob(os.path.join(model, "*.pth")) + glob.glob(os.path.join(model, "*.pt")))
-    checkpoint = checkpoint or (found[0] if found else None)
+    checkpoint = checkpoint or next((f for f in found if not _is_beats(f)), None)
+    beats = beats or next((f for f in found if _is_beats(f)), None)
   whisper, llm = whisper or recipe.get("whisper"), llm or recipe.get("llm")
   for what, value in (("whisper", whisper), ("llm", llm), ("checkpoint", checkpoint)):
     if not value:
       raise ValueError(f"SALMONN model {model!r}: no {what} given; pass {what}=... or a directory "
-                       "with whisper/, vicuna/ and the SALMONN .pth checkpoint")
-  return whisper, llm, checkpoint
+                       "with whisper/, vicuna/, the SALMONN .pth and BEATs_*.pt checkpoints")
+  return whisper, llm, checkpoint, beats
+
+
+def _beats_for(state: dict, beats, without_beats: bool, ckpt: str):
+  """The BEATs encoder a SALMONN checkpoint needs, or None; refuses to guess."""
+  needs = state["ln_audio.weight"].shape[0] if "ln_audio.weight" in state else 0
+  if beats is not None and without_beats:
+    raise ValueError("SALMONN: pass beats=<BEATs checkpoint> or without_beats=True, not both")
+  if not needs:
+    if beats is not None:
+      raise ValueError(f"SALMONN checkpoint {ckpt!r} has no BEATs channels (no ln_audio); "
+                       "drop beats=")
+    return None
+  if beats is None:
+    if without_beats:
+      return None
+    raise ValueError(f"SALMONN checkpoint {ckpt!r} reads {needs} BEATs channels (ln_audio) but no "
+                     "BEATs checkpoint was given; pass beats=BEATs_iter3_plus_AS2M_finetuned_on_"
+                     "AS2M_cpt2.pt (or without_beats=True to feed zeros, marked in describe())")
+  from engine.models import convert_beats  # pylint: disable=import-outside-toplevel
+  encoder = convert_beats.load(beats)
+  if encoder.width != needs:
+    raise ValueError(f"BEATs checkpoint {beats!r} gives {encoder.width} channels; SALMONN "
+                     f"checkpoint {ckpt!r} reads {needs}")
+  return encoder
 
 
 def load(model: str, device: str = "cpu", dtype: str = "float32", *, whisper: str | None = None,
-         llm: str | None = None, checkpoint: str | None = None, beats: Callable | None = None,
-         qformer_heads: int = 12, lora_alpha: float = 32.0, seed: int = 0,
-         **options) -> SalmonnAdapter:
-  """'salmonn-tiny' (random, offline), or real weights.
+         llm: str | None = None, checkpoint: str | None = None, beats=None,
+         without_beats: bool = False, qformer_heads: int = 12, lora_alpha: float = 32.0,
+         seed: int = 0, **options) -> SalmonnAdapter:
+  """'salmonn-tiny' (random, offline, with a tiny random BEATs), or real weights.
 
   Real weights: Whisper (`whisper`, hub id or dir, default openai/whisper-large-v2 for the
-  recipes 'salmonn-13b'/'salmonn-7b'), the Vicuna LLM (`llm`), and the released SALMONN
-  checkpoint (`checkpoint`, a local .pth with the Q-Former, projection and LoRA weights). A
-  local directory holding whisper/, vicuna/ and the .pth works as `model` too. `beats` is an
-  optional BEATs callable; without it the BEATs channels are zero (see describe()).
-  Remaining keyword arguments are `SalmonnOptions` fields.
+  recipes 'salmonn-13b'/'salmonn-7b'), the Vicuna LLM (`llm`), the released SALMONN
+  checkpoint (`checkpoint`, a local .pth with the Q-Former, projection and LoRA weights) and
+  BEATs (`beats`, the released BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt). A local
+  directory holding whisper/, vicuna/, the .pth and BEATs_*.pt works as `model` too. A
+  checkpoint trained with BEATs is refused without it unless `without_beats=True`, which
+  feeds zeros in its channels and says so in describe(). Remaining keyword arguments are
+  `SalmonnOptions` fields.
   """
   opts = _options(options)
   if FAMILY.random_match(model):
-    tok, fe, net = build_tiny(seed)
+    if beats is not None:
+      raise ValueError("salmonn-tiny carries its own random BEATs; drop beats=")
+    tok, fe, net = build_tiny(seed, with_beats=not without_beats)
     return SalmonnAdapter(name=model, tokenizer=tok, feature_extractor=fe, model=net,
                           options=opts, device=device, dtype=dtype,
                           weights={"all": f"random seed={seed}"})
   # pylint: disable=import-outside-toplevel
-  from transformers import AutoTokenizer, LlamaModel, WhisperFeatureExtractor, WhisperModel
+  from transformers import LlamaModel, WhisperFeatureExtractor, WhisperModel
   from engine.models import convert_salmonn
-  whisper_id, llm_id, ckpt = _resolve(model, whisper, llm, checkpoint)
-  state = convert_salmonn.model_state(ckpt)
+  from engine.models.salmonn_tokenizer import salmonn_tokenizer
+  whisper_id, llm_id, ckpt, beats = _resolve(model, whisper, llm, checkpoint, beats)
+  raw = convert_salmonn.model_state(ckpt)
+  audio = _beats_for(convert_salmonn.convert(raw).state, beats, without_beats, ckpt)
   torch_type = common.torch_dtype(dtype)
   encoder = WhisperModel.from_pretrained(whisper_id, dtype=torch_type).get_encoder()
   llama = LlamaModel.from_pretrained(llm_id, dtype=torch_type)
-  net = convert_salmonn.build_model(state, encoder, llama, qformer_heads=qformer_heads,
-                                    lora_alpha=lora_alpha, beats=beats)
+  net = convert_salmonn.build_model(raw, encoder, llama,
+                                    qformer_heads=qformer_heads, lora_alpha=lora_alpha, beats=audio)
+  weights = {"whisper": whisper_id, "llm": llm_id, "checkpoint": ckpt}
+  weights["beats"] = os.fspath(beats) if audio is not None else None
   return SalmonnAdapter(
-      name=model, tokenizer=AutoTokenizer.from_pretrained(llm_id),
+      name=model, tokenizer=salmonn_tokenizer(llm_id),
       feature_extractor=WhisperFeatureExtractor.from_pretrained(whisper_id), model=net,
-      options=opts, device=device, dtype=dtype,
-      weights={"whisper": whisper_id, "llm": llm_id, "checkpoint": ckpt})
+      options=opts, device=device, dtype=dtype, weights=weights)
