@@ -42,12 +42,14 @@ def extract_from_flags() -> str:
   from engine.models import get_adapter  # pylint: disable=import-outside-toplevel
   from engine.models.common import resolve_device  # pylint: disable=import-outside-toplevel
   layers = parse_layers(FLAGS.layers)
+  model = settings.from_flags(corpus_flags.values(FLAGS)).model
+  settings.check_model(model)  # a family's options, before any work
   corpus = data.load_corpus(FLAGS.source, data.resolve_languages(FLAGS.languages),
                             with_audio="speech" in FLAGS.modalities, split=FLAGS.split,
                             max_sentences=FLAGS.max_sentences, fleurs_dir=FLAGS.fleurs_dir,
                             cache_dir=FLAGS.cache_dir)
-  adapter = get_adapter(FLAGS.model, device=str(resolve_device(FLAGS.device)),
-                        dtype=FLAGS.model_dtype)
+  adapter = get_adapter(model.name, device=str(resolve_device(FLAGS.device)),
+                        dtype=model.dtype, **settings.adapter_options(model))
   report = extract(adapter, corpus, FLAGS.output_dir, modalities=FLAGS.modalities,
                    sites=FLAGS.sites, layers=layers, pooling=FLAGS.pooling,
                    batch_size=FLAGS.batch_size, max_speech_seconds=FLAGS.max_speech_seconds,

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from engine.svcca import Bases
+from engine.bases import Bases
 
 T = TypeVar("T")
 

@@ -143,7 +143,7 @@ def _extract_model(out: Path, s: settings.Settings, store_name: Callable[[int, i
     ids = loaded.select_columns(["id"]).to_pandas()["id"].unique()
     settings.check_sentences(len(ids), s.scoring)  # before the model runs
     work["adapter"] = adapter = get_adapter(model.name, device=str(resolve_device(run.device)),
-                                            dtype=model.dtype)
+                                            dtype=model.dtype, **settings.adapter_options(model))
     return {"keys": [list(k) for k in expected_keys(adapter, loaded, mine, model,
                                                      corpus.modalities)],
             "layer_counts": {site.name: site.layers for site in adapter.sites()},

@@ -19,12 +19,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from engine import sharding, svcca
+from engine import bases as bases_lib
+from engine import pair_metrics, sharding
 
-HIGHEST = svcca.HIGHEST
+HIGHEST = bases_lib.HIGHEST
 # Metrics whose per-permutation work calls LAPACK (a small spectrum). On one CPU device a
 # batch of them is one batched call that fans out over XLA's pool; several CPU devices run at
-# once, so there each call stays unbatched (svcca.pair_scores: batched calls can deadlock).
+# once, so there each call stays unbatched (pair_metrics.pair_scores: batched calls can deadlock).
 _SPECTRAL = ("svcca", "pwcca")
 
 
@@ -91,7 +92,7 @@ def _permuted_fn(metric: str, serial: bool):
   """(ua, sa, wa, ka, ubp [C, n, K], sb, wb, kb) -> scores [C]."""
   if metric == "svcca":
     return functools.partial(_svcca_permuted, serial=serial)
-  one = svcca._PAIR_FNS[metric]
+  one = pair_metrics._PAIR_FNS[metric]
   if serial:
     def mapped(ua, sa, wa, ka, ubp, sb, wb, kb):
       return jax.lax.map(lambda ub: one(ua, sa, wa, ka, ub, sb, wb, kb), ubp)
@@ -152,12 +153,12 @@ def _check_perms(perms, n: int) -> np.ndarray:
   return perms.astype(np.int32)
 
 
-def pair_null(bases: svcca.Bases, pairs: np.ndarray, perms: np.ndarray, *, metric: str,
+def pair_null(bases: bases_lib.Bases, pairs: np.ndarray, perms: np.ndarray, *, metric: str,
               mesh=None, perm_chunk: int | None = None) -> NullResult:
   """Scores of pairs [P, 2] and their null under the permutations [B, n] of side b's sentences,
-  over the sharded pair axis of `mesh` (as svcca.pair_scores)."""
-  if metric not in svcca.METRICS:
-    raise ValueError(f"unknown metric {metric!r}; choose one of {svcca.METRICS}")
+  over the sharded pair axis of `mesh` (as pair_metrics.pair_scores)."""
+  if metric not in bases_lib.METRICS:
+    raise ValueError(f"unknown metric {metric!r}; choose one of {bases_lib.METRICS}")
   if metric == "pwcca" and bases.w is None:
     raise ValueError("PWCCA needs bases computed with metric='pwcca'")
   r, n, k = bases.u.shape
@@ -212,8 +213,8 @@ def calibrated(reps, pairs=None, *, metric: str = "svcca", threshold: float = 0.
   """Scores with their permutation null (svcca.calibrated): one SVD per representation, one
   seeded set of permutations for every pair; pairs=None means every i < j (all_pairs order)."""
   count, seed = _check_count_seed(permutations, seed)
-  bases = svcca.compute_bases(reps, metric=metric, threshold=threshold, names=names, dims=dims)
+  bases = bases_lib.compute_bases(reps, metric=metric, threshold=threshold, names=names, dims=dims)
   r, n = bases.u.shape[:2]
   perms = _draw(n, count, seed)
-  pairs = svcca.all_pairs(r) if pairs is None else pairs
+  pairs = pair_metrics.all_pairs(r) if pairs is None else pairs
   return finish(pair_null(bases, pairs, perms, metric=metric, mesh=mesh), count)

@@ -23,7 +23,8 @@ from typing import Callable
 
 from engine.settings import SweepError
 
-FORMAT_VERSION = 2  # 2: identity by flag name with --kernel_dtype, the site map recorded
+# 2: identity by flag name with --kernel_dtype, the site map recorded; 3: the adapter options
+FORMAT_VERSION = 3
 STATE_JSON = "sweep.json"
 STORE_DIR = "activations"
 CHECKPOINT_DIR = "checkpoints"

@@ -1,7 +1,9 @@
 """What a sweep is asked to do, as typed data: four groups of settings, each field one flag.
 
   Corpus   which sentences, in which languages and modalities
-  Model    which model, which of its sites and layers, pooled how, in which dtype
+  Model    which model, which of its sites and layers, pooled how, in which dtype, and the
+           options of its family's adapter (SALMONN's weights and prompt, SONAR's speech
+           encoders, whether special tokens are pooled)
   Scoring  which measure, which pairs, in which kernel precision
   Run      how the work is done: where, on which devices, in which batches
 
@@ -11,8 +13,9 @@ and its resumption. Each field carries its flag's name, help and choices, from w
 command-line flags are generated (cli.corpus_flags, cli.sweep), so a setting is defined once.
 `check` validates and spells everything canonically once, at the edge, before any work; it
 needs no model code (torch), so a refused output directory is reported at once. `check_model`
-checks the rest (the model family, the pooling) when a new sweep starts; the only local
-imports here are those two, which load torch.
+checks the rest (the model family, the pooling, which adapter options that family takes) when
+a new sweep starts; `adapter_options` gives the family's options as its `load` keywords. The
+only local imports here are those, which load torch.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from typing import Any, Mapping
 
 from engine import cross_model, data, pairs, svcca
 from engine.keys import MODALITIES, model_slug
+from engine.models import salmonn_options
 
 PAPER_PLAN = "paper"
 PLANS = pairs.PLANS + cross_model.PLANS
@@ -39,11 +43,20 @@ class SweepError(ValueError):
 
 
 def setting(default, help: str, *, flag: str | None = None, choices=None,
-            aliases: tuple[str, ...] = ()):  # pylint: disable=redefined-builtin
+            aliases: tuple[str, ...] = (), families: tuple[str, ...] = (), kwarg: str = "",
+            weights: bool = False):  # pylint: disable=redefined-builtin
   """A settings field: its default, and the flag that sets it (named like the field unless
-  `flag` says otherwise)."""
+  `flag` says otherwise). An adapter option names the model `families` whose `load` takes it,
+  as keyword `kwarg`; `weights`: it locates real weights, which a random config has none of."""
   return dataclasses.field(default=default, metadata={
-      "help": help, "flag": flag, "choices": choices, "aliases": aliases})
+      "help": help, "flag": flag, "choices": choices, "aliases": aliases,
+      "families": families, "kwarg": kwarg, "weights": weights})
+
+
+def adapter_option(default, help: str, families: tuple[str, ...], kwarg: str, *,
+                   choices=None, weights: bool = False):  # pylint: disable=redefined-builtin
+  return setting(default, help, choices=choices, families=families, kwarg=kwarg,
+                 weights=weights)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +87,42 @@ class Model:
   pooling: str = setting("mean", "Pooling over valid positions: mean, max, first or last.")
   dtype: str = setting("float32", "Dtype the model runs in.", flag="model_dtype",
                        choices=MODEL_DTYPES)
+  # Adapter options: each taken by the families it names (see `adapter_options`).
+  pool_special_tokens: bool = adapter_option(
+      True, "SONAR and SeamlessM4T text: pool the language token and </s> with the sentence's "
+      "tokens (--nopool_special_tokens: the sentence's own tokens only).",
+      ("sonar", "seamless"), "pool_special_tokens")
+  salmonn_text_prompt: str = adapter_option(
+      "template", "SALMONN text: inside the prompt template, in place of the speech "
+      "(template), or BOS and the sentence alone (plain).", ("salmonn",), "text_prompt",
+      choices=salmonn_options.TEXT_PROMPTS)
+  salmonn_mask_scope: str = adapter_option(
+      "sentence", "SALMONN: pool the sentence's own positions (sentence: its frames, windows and "
+      "tokens) or every computed one (all: template, BOS, Whisper's padding too).",
+      ("salmonn",), "mask_scope", choices=salmonn_options.MASK_SCOPES)
+  salmonn_instruction: str = adapter_option(
+      salmonn_options.DEFAULT_INSTRUCTION, "SALMONN: the instruction in its prompt template.",
+      ("salmonn",), "instruction")
+  salmonn_without_beats: bool = adapter_option(
+      False, "SALMONN without BEATs: its Q-Former channels are fed zeros (marked in every "
+      "output); salmonn-tiny then has no BEATs.", ("salmonn",), "without_beats")
+  salmonn_beats: str | None = adapter_option(
+      None, "SALMONN real weights: the BEATs checkpoint (BEATs_iter3_plus_AS2M_finetuned_on_"
+      "AS2M_cpt2.pt; default: BEATs_*.pt in --model's directory).", ("salmonn",), "beats",
+      weights=True)
+  salmonn_whisper: str | None = adapter_option(
+      None, "SALMONN real weights: Whisper's hub id or directory (default: the recipe's, or "
+      "whisper/ in --model's directory).", ("salmonn",), "whisper", weights=True)
+  salmonn_llm: str | None = adapter_option(
+      None, "SALMONN real weights: the Vicuna LLM's hub id or directory (default: the recipe's, "
+      "or vicuna/ in --model's directory).", ("salmonn",), "llm", weights=True)
+  salmonn_checkpoint: str | None = adapter_option(
+      None, "SALMONN real weights: the released checkpoint (.pth: Q-Former, projection, LoRA; "
+      "default: the .pth in --model's directory).", ("salmonn",), "checkpoint", weights=True)
+  sonar_speech_encoders: str | None = adapter_option(
+      None, "SONAR real weights: directory of speech encoder checkpoints named as released "
+      "(spenc.v3ap.deu.pt, spenc.eng.pt) or <lang>.pt (default: speech/ in --model's "
+      "directory).", ("sonar",), "speech_encoders", weights=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,6 +300,9 @@ def model_names(model: Model) -> tuple[str, ...]:
 
 def _check_model_fields(m: Model) -> Model:
   _one_of("model_dtype", m.dtype, MODEL_DTYPES)
+  for name, field, _ in flag_fields(Model):
+    if field.metadata["choices"]:
+      _one_of(name, getattr(m, field.name), field.metadata["choices"])
   names = model_names(m)
   if "" in names:
     raise SweepError(f"--model={m.name} has an empty name; give models separated by single commas")
@@ -259,7 +311,8 @@ def _check_model_fields(m: Model) -> Model:
     if slug in slugs[:i]:
       raise SweepError(f"--model={m.name} names {names[i]} twice (or two models with one file "
                        f"name, {slug}); give each model once")
-  return dataclasses.replace(m, name=",".join(names), sites=tuple(dict.fromkeys(m.sites)) if m.sites else None,
+  return dataclasses.replace(m, name=",".join(names),
+                             sites=tuple(dict.fromkeys(m.sites)) if m.sites else None,
                              layers=parse_layers(m.layers))
 
 
@@ -315,15 +368,44 @@ def _check_run(r: Run) -> Run:
 def check_model(model: Model) -> None:
   """What only the model code knows: that the name is of a family we have an adapter for, and
   the pooling. Imports torch, hence not part of `check`."""
-  from engine.models import family_of  # pylint: disable=import-outside-toplevel
+  from engine.models import family  # pylint: disable=import-outside-toplevel
   from engine.models.pooling import POOLINGS  # pylint: disable=import-outside-toplevel
   names = model_names(model)
+  cards = {}
   for name in names:
     try:
-      family_of(name)
+      cards[name] = family(name)
     except ValueError as e:
       raise SweepError(f"--model={model.name}: {e}" if len(names) > 1 else str(e)) from None
+  kinds = ", ".join(dict.fromkeys(card.name for card in cards.values()))
   _one_of("pooling", model.pooling, POOLINGS)
+  for name, field, _ in _given_options(model):  # each option for the models that take it
+    given, takers = f"--{name}={getattr(model, field.name)}", field.metadata["families"]
+    taking = {m: card for m, card in cards.items() if card.name in takers}
+    if not taking:
+      raise SweepError(f"{given} applies to {' and '.join(takers)} models; --model={model.name} "
+                       f"is {kinds}: drop --{name}")
+    if field.metadata["weights"] and all(card.random_match(m) for m, card in taking.items()):
+      raise SweepError(f"{given} locates real weights; --model={model.name} is a random "
+                       f"config: drop --{name}")
+  if model.salmonn_beats is not None and model.salmonn_without_beats:
+    raise SweepError("--salmonn_beats and --salmonn_without_beats contradict each other; "
+                     "give one")
+
+
+def _given_options(model: Model) -> list[tuple[str, dataclasses.Field, Any]]:
+  """The adapter options set away from their defaults."""
+  return [(name, f, hint) for name, f, hint in flag_fields(Model)
+          if f.metadata["families"] and getattr(model, f.name) != f.default]
+
+
+def adapter_options(model: Model) -> dict[str, Any]:
+  """The adapter options the model's family takes, as keywords of its `load` (every such
+  option, at its default or not; `check_model` has refused those of other families)."""
+  from engine.models import family_of  # pylint: disable=import-outside-toplevel
+  name = family_of(model.name)
+  return {f.metadata["kwarg"]: getattr(model, f.name) for _, f, _ in flag_fields(Model)
+          if name in f.metadata["families"]}
 
 
 def describe(settings: Settings, corpus_rows: int | None = None) -> str:

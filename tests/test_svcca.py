@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
 
-from engine import sharding, svcca
+from engine import pair_metrics, sharding, svcca
 from tests import reference
 
 TOL = 1e-4  # float32 kernel vs float64 reference
@@ -114,7 +114,7 @@ class ReferenceAgreementTest(parameterized.TestCase):
     mesh = sharding.pair_mesh(jax.devices()[:1])
     for metric in ("svcca", "pwcca"):
       bases = tuple(svcca.compute_bases(reps, metric=metric))
-      block = svcca._pairs_fn(metric, 1)
+      block = pair_metrics._pairs_fn(metric, 1)
       one = sharding.map_pairs(block, bases, pairs, mesh=mesh, chunk_size=1)
       for threads in (2, 5):
         got = sharding.map_pairs(block, bases, pairs, mesh=mesh, chunk_size=1, threads=threads)

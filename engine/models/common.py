@@ -96,6 +96,14 @@ def stacked_fbanks(extractor, audios: Sequence[np.ndarray], sampling_rate: int, 
   return batch["input_features"].to(device, dtype), mask
 
 
+def text_mask(batch: Mapping, pool_special_tokens: bool = True) -> torch.Tensor:
+  """[B, T] positions a text representation pools, from a tokenizer batch made with
+  `return_special_tokens_mask=True`: every non-pad token, or without the special ones
+  (language tokens, </s>) only the sentence's own."""
+  mask = batch["attention_mask"].bool()
+  return mask if pool_special_tokens else mask & ~batch["special_tokens_mask"].bool()
+
+
 def single(vectors: torch.Tensor) -> Capture:
   """[B, D] sentence vectors -> a T=1 capture with an all-True mask."""
   b = vectors.shape[0]

@@ -45,6 +45,8 @@ from engine.models import bpe, common
 from engine.models.base import Capture, Family, Site
 from engine.models.common import SAMPLING_RATE, TorchAdapter, recording
 from engine.models.salmonn_modules import SalmonnModel, pad_rows
+from engine.models.salmonn_options import (  # pylint: disable=unused-import  (re-exported)
+    DEFAULT_INSTRUCTION, MASK_SCOPES, PROMPT_TEMPLATE, SPEECH_SLOT, TEXT_PROMPTS, SalmonnOptions)
 
 WHISPER_SITE = "whisper"
 BEATS_SITE = "beats"
@@ -57,11 +59,6 @@ FAMILY = Family(
               "speech": (LLM_SITE, WHISPER_SITE, BEATS_SITE, QFORMER_SITE, PROJ_SITE),
               "pre_adaptor": WHISPER_SITE, "post_adaptor": QFORMER_SITE})
 MIN_SAMPLES = SAMPLING_RATE  # SALMONN pads shorter audio with silence to 1 s
-PROMPT_TEMPLATE = "USER: <Speech><SpeechHere></Speech> {}\nASSISTANT:"
-SPEECH_SLOT = "<SpeechHere>"
-DEFAULT_INSTRUCTION = "Recognize the speech and give me the transcription."
-MASK_SCOPES = ("sentence", "all")
-TEXT_PROMPTS = ("template", "plain")
 # Embedding rows of the tiny LLM: fixed (>= bytes + bundled-corpus BPE), so the random weights
 # never depend on what the bundled corpus holds.
 TINY_VOCAB = 37888
@@ -71,25 +68,6 @@ RECIPES = {
     "salmonn-13b": {"whisper": "openai/whisper-large-v2", "llm": "lmsys/vicuna-13b-v1.1"},
     "salmonn-7b": {"whisper": "openai/whisper-large-v2", "llm": "lmsys/vicuna-7b-v1.5"},
 }
-
-
-@dataclasses.dataclass(frozen=True)
-class SalmonnOptions:
-  """How sentences enter the model and which positions count as the sentence."""
-  window_seconds: float = 0.333333
-  stride_seconds: float = 0.333333
-  prompt_template: str = PROMPT_TEMPLATE
-  instruction: str = DEFAULT_INSTRUCTION
-  mask_scope: str = "sentence"
-  text_prompt: str = "template"
-
-  def __post_init__(self):
-    if self.mask_scope not in MASK_SCOPES:
-      raise ValueError(f"unknown mask_scope {self.mask_scope!r}; choose one of {MASK_SCOPES}")
-    if self.text_prompt not in TEXT_PROMPTS:
-      raise ValueError(f"unknown text_prompt {self.text_prompt!r}; choose one of {TEXT_PROMPTS}")
-    if self.prompt_template.count(SPEECH_SLOT) != 1:
-      raise ValueError(f"prompt_template {self.prompt_template!r} must contain {SPEECH_SLOT} once")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,7 +17,8 @@ Sites (key = (site, layer)):
 * ('post_adaptor', j), j = 0..A-1: the output of adaptor layer j (A = 1 in released models).
 * ('speech_output', 0): the closing layer norm after the adaptor = the encoder's
   `last_hidden_state`, what the text decoder attends to.
-Masks: text masks cover every non-pad token, language token and </s> included; speech sites
+Masks: text masks cover every non-pad token, language token and </s> included (with
+`pool_special_tokens=False`, the sentence's own tokens only); speech sites
 before the adaptor use the feature extractor's frame mask; after it, the mask is shortened with
 the adaptor's own length formula, layer by layer.
 
@@ -143,13 +144,15 @@ class SeamlessAdapter(TorchAdapter):
 
   def __init__(self, *, name: str, tokenizer, feature_extractor, text_encoder: nn.Module,
                speech_encoder: nn.Module, version: str = "v2", device: str = "cpu",
-               dtype: str = "float32", weights: str = "", mask_adaptor_padding: bool = True):
+               dtype: str = "float32", weights: str = "", mask_adaptor_padding: bool = True,
+               pool_special_tokens: bool = True):
     super().__init__(name=name, tokenizer=tokenizer, device=device, dtype=dtype, weights=weights)
     self.version = version
     self.features = feature_extractor
     self.text_encoder = self.place(text_encoder)
     self.speech_encoder = self.place(speech_encoder)
     self.mask_adaptor_padding = mask_adaptor_padding
+    self.pool_special_tokens = pool_special_tokens
     self._languages: dict[str, bool] = {}
 
   # -- structure ------------------------------------------------------------------------------
@@ -196,15 +199,17 @@ class SeamlessAdapter(TorchAdapter):
     if not self.supports_language(language, "text"):
       raise ValueError(f"language {language!r} is not in the tokenizer of {self.name} (no "
                        f"{self.language_token(language)} token)")
-    batch = self.tokenizer(list(texts), src_lang=language, padding=True, return_tensors="pt")
+    batch = self.tokenizer(list(texts), src_lang=language, padding=True, return_tensors="pt",
+                           return_special_tokens_mask=True)
     ids = batch["input_ids"].to(self.device)
-    mask = batch["attention_mask"].to(self.device).bool()
+    attention = batch["attention_mask"].to(self.device).bool()
+    mask = common.text_mask(batch, self.pool_special_tokens).to(self.device)
     enc = self.text_encoder
     layers = list(enc.layers)
     got: dict = {}
     outputs = {layer: setter(got, i + 1) for i, layer in enumerate(layers[:-1])}
     with torch.inference_mode(), hooks(outputs, {layers[0]: setter(got, 0)}):
-      got[len(layers)] = enc(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+      got[len(layers)] = enc(input_ids=ids, attention_mask=attention.long()).last_hidden_state
     return {(TEXT_SITE, l): Capture(got[l], mask) for l in range(len(layers) + 1)}
 
   def speech_features(self, audios: Sequence[np.ndarray],
@@ -270,7 +275,9 @@ class SeamlessAdapter(TorchAdapter):
         "adaptor": {"layers": len(self.adaptor_layers), "kernel": cfg.adaptor_kernel_size,
                     "stride": cfg.adaptor_stride} if self.adaptor_layers else None,
         "mask_adaptor_padding": self.mask_adaptor_padding,
-        "text_mask": "every non-pad token: __lang__ tokens </s>",
+        "pool_special_tokens": self.pool_special_tokens,
+        "text_mask": ("every non-pad token: __lang__ tokens </s>" if self.pool_special_tokens
+                      else "the sentence's tokens (not __lang__, </s>)"),
         "layer_convention": "0 = embeddings/feature projection, 1..L-1 = blocks, "
                             "L = final layer norm of the block stack",
         "sites": [dataclasses.asdict(s) for s in self.sites()],
@@ -329,11 +336,12 @@ def build_random(version: str = "v2", preset: str = "tiny", seed: int = 0) -> nn
 
 def load(model: str, device: str = "cpu", dtype: str = "float32", *, seed: int = 0,
          text_languages: Sequence[str] | None = None,
-         mask_adaptor_padding: bool = True) -> SeamlessAdapter:
+         mask_adaptor_padding: bool = True, pool_special_tokens: bool = True) -> SeamlessAdapter:
   """'seamless-tiny', 'seamless-v1-tiny', 'seamless-mid' (random, offline), or real weights from
   a hub id or local directory (e.g. 'facebook/seamless-m4t-v2-large'), whose tokenizer and
   feature extractor come from the same place. text_languages: restrict the offline
-  tokenizer's language tokens (random models only)."""
+  tokenizer's language tokens (random models only). pool_special_tokens: whether the text
+  masks keep __lang__ and </s> (the default) or the sentence's own tokens only."""
   from transformers import SeamlessM4TFeatureExtractor  # pylint: disable=import-outside-toplevel
   spec = random_spec(model)
   if spec is not None:
@@ -360,6 +368,7 @@ def load(model: str, device: str = "cpu", dtype: str = "float32", *, seed: int =
   adapter = SeamlessAdapter(
       name=model, tokenizer=tokenizer, feature_extractor=features,
       text_encoder=full.text_encoder, speech_encoder=full.speech_encoder, version=version,
-      device=device, dtype=dtype, weights=weights, mask_adaptor_padding=mask_adaptor_padding)
+      device=device, dtype=dtype, weights=weights, mask_adaptor_padding=mask_adaptor_padding,
+      pool_special_tokens=pool_special_tokens)
   del full  # decoders, text-to-unit model and vocoder are not needed
   return adapter

@@ -16,7 +16,9 @@ Sites (key = (site, layer)):
   block outputs, l=L the output of the closing LayerNorm (what the pooler attends to).
 * ('sentence_embedding', 0) for both modalities: SONAR's sentence vector, T=1, mask all True.
 Text masks cover every non-pad token including the language token and </s>, as SONAR pools
-them, so mean pooling of ('text_encoder', L) equals the text sentence embedding.
+them, so mean pooling of ('text_encoder', L) equals the text sentence embedding; with
+`pool_special_tokens=False` they cover the sentence's own tokens only (the sentence embedding
+stays SONAR's own, over every token).
 
 Models: 'sonar-tiny' is a seeded random config of the same classes with an offline
 `NllbTokenizer` (NLLB special tokens and language codes over the bundled-corpus BPE of
@@ -182,12 +184,14 @@ class SonarAdapter(TorchAdapter):
 
   def __init__(self, *, name: str, tokenizer, text_encoder: nn.Module,
                speech_encoders: Mapping[str, object], device: str = "cpu",
-               dtype: str = "float32", weights: dict | None = None):
+               dtype: str = "float32", weights: dict | None = None,
+               pool_special_tokens: bool = True):
     from transformers import SeamlessM4TFeatureExtractor  # pylint: disable=import-outside-toplevel
     super().__init__(name=name, tokenizer=tokenizer, device=device, dtype=dtype,
                      weights=weights or {})
     self.text_encoder = self.place(text_encoder)
     self.speech_encoders = dict(speech_encoders)
+    self.pool_special_tokens = pool_special_tokens
     self.features = SeamlessM4TFeatureExtractor()
     self._speech: tuple[str, SonarSpeechEncoder] | None = None
 
@@ -217,9 +221,11 @@ class SonarAdapter(TorchAdapter):
     if code not in self.tokenizer.get_vocab():
       raise ValueError(f"language {language!r} ({code}) is not in the SONAR tokenizer's vocabulary")
     self.tokenizer.src_lang = code
-    batch = self.tokenizer(list(texts), padding=True, return_tensors="pt")
+    batch = self.tokenizer(list(texts), padding=True, return_tensors="pt",
+                           return_special_tokens_mask=True)
     ids = batch["input_ids"].to(self.device)
     mask = batch["attention_mask"].to(self.device).bool()
+    sentence = common.text_mask(batch, self.pool_special_tokens).to(self.device)
     enc = self.text_encoder
     with torch.inference_mode():
       with recording(list(enc.layers), entering=enc.layers[0]) as states:
@@ -227,7 +233,7 @@ class SonarAdapter(TorchAdapter):
       hidden = states[:-1] + [final]
       counts = mask.sum(dim=1, keepdim=True).to(final.dtype)
       pooled = (final * mask.unsqueeze(-1)).sum(dim=1) / counts  # SONAR's masked mean pooling
-    out = {(TEXT_SITE, l): Capture(h, mask) for l, h in enumerate(hidden)}
+    out = {(TEXT_SITE, l): Capture(h, sentence) for l, h in enumerate(hidden)}
     out[(EMBEDDING_SITE, 0)] = single(pooled)
     return out
 
@@ -247,6 +253,9 @@ class SonarAdapter(TorchAdapter):
         **super().describe(),
         "speech_languages": sorted(self.speech_encoders),
         "text_pooling": "masked mean over all non-pad tokens ([lang] tokens </s>)",
+        "pool_special_tokens": self.pool_special_tokens,
+        "text_mask": ("every non-pad token: [lang] tokens </s>" if self.pool_special_tokens
+                      else "the sentence's tokens (not [lang], </s>)"),
         "speech_pooling": "attention pooler (BOS query, post-norm decoder, bias-free linear)",
         "layer_convention": "0 = embeddings/frontend, 1..L-1 = blocks, L = final normed output",
         "sites": [dataclasses.asdict(s) for s in self.sites()],
@@ -336,7 +345,8 @@ class _SpeechLoader:
 
 
 def load(model: str, device: str = "cpu", dtype: str = "float32", *, speech_encoders=None,
-         tokenizer: str | None = None, seed: int = 0, text_heads: int = 16) -> SonarAdapter:
+         tokenizer: str | None = None, seed: int = 0, text_heads: int = 16,
+         pool_special_tokens: bool = True) -> SonarAdapter:
   """'sonar-tiny' (random, offline), or real weights.
 
   Real text weights: `model` is a hub id or local directory of the transformers port of the
@@ -346,13 +356,15 @@ def load(model: str, device: str = "cpu", dtype: str = "float32", *, speech_enco
   {language: fairseq2 checkpoint path} or a directory of checkpoints named by language as
   released ('spenc.v3ap.deu.pt', 'spenc.eng.pt') or '<lang>.pt'; if omitted and `model` is a
   directory with a 'speech' subdirectory, that is used. Without speech encoders the adapter
-  has text sites only.
+  has text sites only. pool_special_tokens: whether the text encoder's masks keep [lang] and
+  </s> (the default, as SONAR pools) or the sentence's own tokens only.
   """
   if FAMILY.random_match(model):
     tok, text, speech = build_tiny(seed)
     return SonarAdapter(name=model, tokenizer=tok, text_encoder=text,
                         speech_encoders={"*": speech}, device=device, dtype=dtype,
-                        weights={"text": f"random seed={seed}", "speech": f"random seed={seed}"})
+                        weights={"text": f"random seed={seed}", "speech": f"random seed={seed}"},
+                        pool_special_tokens=pool_special_tokens)
   from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
   from transformers.models.m2m_100.modeling_m2m_100 import M2M100Encoder  # pylint: disable=import-outside-toplevel
   from engine.models import convert_sonar  # pylint: disable=import-outside-toplevel
@@ -366,6 +378,6 @@ def load(model: str, device: str = "cpu", dtype: str = "float32", *, speech_enco
     speech_encoders = os.path.join(model, "speech")
   speech = _speech_checkpoints(speech_encoders)
   return SonarAdapter(name=model, tokenizer=tok, text_encoder=text, speech_encoders=speech,
-                      device=device, dtype=dtype,
+                      device=device, dtype=dtype, pool_special_tokens=pool_special_tokens,
                       weights={"text": model, "speech": {k: getattr(v, "path", "module")
                                                           for k, v in speech.items()}})
