@@ -3,6 +3,7 @@
   python -m cli.sweep                       # the offline default: bundled corpus, seamless-tiny
   python -m cli.sweep --model=facebook/seamless-m4t-v2-large --source=fleurs \
       --model_dtype=bfloat16 --batch_size=32 --output_dir=runs/seamless-large
+  python -m cli.sweep --model=seamless-tiny,sonar-tiny --plan=cross_model   # models compared
 
 With no flags it runs end to end offline into runs/default: the bundled corpus in every bundled
 language, text and speech, tiny random SeamlessM4T v2, all sites and layers, SVCCA at 0.99, and

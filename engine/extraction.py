@@ -7,6 +7,10 @@ model's layer counts and site map and the skipped speech are exchanged, so every
 the same plan. Extraction is resumable by the store itself (complete representations and
 written batches are skipped). engine.extract and engine.models load torch, so they are imported
 inside `extract_stage` alone: claiming (or refusing) an output directory never loads it.
+
+A sweep over several models extracts them one after the other, each into its own stores
+(engine.rundir.store_name), and records their facts merged, every site named by its model
+(`merged_models`), so the plan and the scoring stage see one set of keys telling the models apart.
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ import jax
 
 from engine import data, distributed, planning, rundir, settings
 from engine.data import fleurs
-from engine.keys import Key
+from engine.keys import Key, model_site, model_slug, split_site
 from engine.settings import SweepError
 from engine.store import open_store
 
@@ -60,14 +64,68 @@ def extract_stage(out: Path, state: dict, s: settings.Settings, log: Callable[[s
                   ) -> tuple[dict, str | None]:
   """Extracts into the store unless a previous run finished that.
 
-  Prints the plan first (from the representations extraction is to produce). Returns the state
-  and that plan's digest (None when extraction was already done).
+  One model: prints the plan first (from the representations extraction is to produce) and
+  returns the state and that plan's digest (None when extraction was already done). Several
+  models: each into its own store, one after the other, a model extracted before reused; the
+  plan is printed when scoring starts (digest None).
   """
+  names = settings.model_names(s.model)
+  index = process()[0]
+  if len(names) == 1:
+    if state.get("extracted"):
+      return state, None
+    facts, planned = _extract_model(out, s, rundir.store_name, log, plan=True)
+    state = {**state, "extracted": facts}
+    if index == 0:
+      rundir.write_state(out, state)
+    return state, planned
+  done = dict((state.get("extracted") or {}).get("models") or {})
+  for name in names:
+    slug = model_slug(name)
+    if name in done:
+      log(f"{name}: reusing its store {', '.join(done[name]['stores'])} (extracted before)")
+      continue
+    log(f"{name}: extracting into {rundir.store_name(slug=slug)}")
+    done[name], _ = _extract_model(out, s.replace(model=name),
+                                   lambda i, c, slug=slug: rundir.store_name(i, c, slug), log,
+                                   plan=False)
+    state = {**state, "extracted": merged_models(names, done)}
+    if index == 0:  # a model finished is kept should the next one fail
+      rundir.write_state(out, state)
+  if (state.get("extracted") or {}).get("order") != list(names):
+    state = {**state, "extracted": merged_models(names, done)}
+    if index == 0:
+      rundir.write_state(out, state)
+  return state, None
+
+
+def merged_models(names: Sequence[str], facts: dict) -> dict:
+  """The extraction facts of several models as one model's, each site named by its model
+  (engine.keys.model_site), so planning and scoring read them as they read one model's; the
+  stores' `namespace` says which model each store holds. `models` keeps each model's own."""
+  layer_counts, site_map, stores, namespace, skipped = {}, {}, {}, {}, {}
+  names = [name for name in names if name in facts]
+  for name in names:
+    slug, f = model_slug(name), facts[name]
+    layer_counts.update((model_site(slug, site), c) for site, c in f["layer_counts"].items())
+    for role, sites in f["site_map"].items():
+      site_map.setdefault(role, []).extend(
+          model_site(slug, site) for site in ([sites] if isinstance(sites, str) else sites))
+    stores.update(f["stores"])
+    namespace.update((store, slug) for store in f["stores"])
+    skipped.update((f"{name}: {key}", reason) for key, reason in f["skipped"].items())
+  return {"layer_counts": layer_counts, "sites": list(layer_counts), "site_map": site_map,
+          "skipped": skipped, "stores": stores, "namespace": namespace, "order": list(names),
+          "models": {name: facts[name] for name in names}}
+
+
+def _extract_model(out: Path, s: settings.Settings, store_name: Callable[[int, int], str],
+                   log: Callable[[str], None], *, plan: bool) -> tuple[dict, str | None]:
+  """One model through the corpus into its stores (one per process): the extraction facts
+  (layer counts, site map, skipped speech, stores) and the digest of the plan printed first."""
   from engine.extract import extract  # pylint: disable=import-outside-toplevel  (torch)
   from engine.models import get_adapter  # pylint: disable=import-outside-toplevel
   from engine.models.common import resolve_device  # pylint: disable=import-outside-toplevel
-  if state.get("extracted"):
-    return state, None
   corpus, model, run = s.corpus, s.model, s.run
   index, count = process()
   mine = languages_of(corpus.languages, index, count)
@@ -97,33 +155,33 @@ def extract_stage(out: Path, state: dict, s: settings.Settings, log: Callable[[s
     raise SweepError("the processes loaded corpora with different sentence ids; do all hosts "
                      "run the same code on the same data?")
   layer_counts, site_map = shares[0]["layer_counts"], shares[0]["site_map"]
-  keys = planning.ordered([k for share in shares for k in share["keys"]], corpus.languages,
-                          corpus.modalities, list(layer_counts))
-  planned = planning.make(s.scoring.plan, keys, site_map=site_map, layer_counts=layer_counts,
-                          pivot=s.scoring.pivot)
-  log(planning.describe(planned, settings.describe(s, sum(share["rows"] for share in shares)),
-                        chunk_pairs=run.chunk_pairs))
+  planned = None
+  if plan:
+    keys = planning.ordered([k for share in shares for k in share["keys"]], corpus.languages,
+                            corpus.modalities, list(layer_counts))
+    planned = planning.make(s.scoring.plan, keys, site_map=site_map, layer_counts=layer_counts,
+                            pivot=s.scoring.pivot)
+    log(planning.describe(planned, settings.describe(s, sum(share["rows"] for share in shares)),
+                          chunk_pairs=run.chunk_pairs))
 
   def run_extraction():
     if not mine:
       return {}
-    report = extract(work["adapter"], work["corpus"], out / rundir.store_name(index, count),
+    report = extract(work["adapter"], work["corpus"], out / store_name(index, count),
                      modalities=corpus.modalities, sites=model.sites, layers=model.layers,
                      pooling=model.pooling, batch_size=run.batch_size,
                      max_speech_seconds=run.max_speech_seconds, progress=run.progress)
     return report.skipped
 
   skipped = {k: v for share in distributed.together(run_extraction) for k, v in share.items()}
+  work.clear()  # the model's memory, before the next model loads
   for key, reason in skipped.items():
     log(f"no {key.split('.')[1]} for {key.split('.')[0]}: {reason}")
-  stores = {rundir.store_name(i, count): list(languages_of(corpus.languages, i, count))
+  stores = {store_name(i, count): list(languages_of(corpus.languages, i, count))
             for i in range(count)}
-  state = {**state, "extracted": {"layer_counts": layer_counts, "sites": list(layer_counts),
-                                  "site_map": site_map, "skipped": skipped,
-                                  "stores": {k: v for k, v in stores.items() if v}}}
-  if index == 0:
-    rundir.write_state(out, state)
-  return state, planning.digest(planned)
+  return ({"layer_counts": layer_counts, "sites": list(layer_counts), "site_map": site_map,
+           "skipped": skipped, "stores": {k: v for k, v in stores.items() if v}},
+          planned if planned is None else planning.digest(planned))
 
 
 def stored(out: Path, state: dict, languages: Sequence[str], modalities: Sequence[str]
@@ -138,12 +196,16 @@ def stored(out: Path, state: dict, languages: Sequence[str], modalities: Sequenc
   mine = set(languages_of(languages, index, count))
   own = {}
 
+  namespace = state["extracted"].get("namespace") or {}
+
   def read():
     where, n = {}, 0
     for name, held in (state["extracted"].get("stores") or
                        {rundir.STORE_DIR: list(languages)}).items():
       if mine & set(held):
         store = open_store(out / name)
+        if name in namespace:
+          store = ModelStore(store, namespace[name])
         n = store.n
         where.update((k, store) for k in store.keys() if k.language in mine)
     own.update(where=where, n=n)
@@ -157,3 +219,17 @@ def stored(out: Path, state: dict, languages: Sequence[str], modalities: Sequenc
   keys = planning.ordered([k[:-1] for share in held for k in share], languages, modalities,
                           state["extracted"]["sites"])
   return own["where"], keys, ns.pop() if ns else own["n"]
+
+
+class ModelStore:
+  """One model's store read under keys whose sites are named by the model (a several-model
+  sweep's keys, engine.keys.model_site), as the scoring stage reads a store."""
+
+  def __init__(self, store, slug: str):
+    self.store, self.slug, self.n = store, slug, store.n
+
+  def keys(self) -> list[Key]:
+    return [k._replace(site=model_site(self.slug, k.site)) for k in self.store.keys()]
+
+  def load(self, key: Key):
+    return self.store.load(key._replace(site=split_site(key.site)[1]))

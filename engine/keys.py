@@ -1,5 +1,10 @@
 """The name of one representation: (language, modality, site, layer), shared by the store, the
-plans and the sweep. Plain Python, so anything may import it (no NumPy, JAX or torch)."""
+plans and the sweep. Plain Python, so anything may import it (no NumPy, JAX or torch).
+
+A sweep over several models names each model's sites by the model ('sonar-tiny/text_encoder',
+`model_site`), so the plans, the chunks and the kernel tell the models apart with no other
+field; a store holds one model's plain sites.
+"""
 from __future__ import annotations
 
 import re
@@ -7,6 +12,8 @@ from typing import Iterable, NamedTuple
 
 MODALITIES = ("text", "speech")
 _PART = re.compile(r"^[A-Za-z0-9_\-]+$")
+_SITE = re.compile(r"^(?:[A-Za-z0-9_\-]+/)?[A-Za-z0-9_\-]+$")
+MODEL_SEP = "/"
 
 
 class Key(NamedTuple):
@@ -39,8 +46,8 @@ def as_key(key: Key | tuple | str) -> Key:
   except (TypeError, ValueError):
     raise ValueError(f"representation key {key!r} is not (language, modality, site, layer)"
                      ) from None
-  for part in (language, modality, site):
-    if not isinstance(part, str) or not _PART.match(part):
+  for part, form in ((language, _PART), (modality, _PART), (site, _SITE)):
+    if not isinstance(part, str) or not form.match(part):
       raise ValueError(f"representation key {tuple(key)!r}: {part!r} must be letters, digits, "
                        "'_' or '-'")
   if modality not in MODALITIES:
@@ -61,3 +68,26 @@ def as_keys(keys: Iterable) -> list[Key]:
   if not out:
     raise ValueError("no representation keys given")
   return out
+
+
+def model_slug(model: str) -> str:
+  """A model name as a file- and site-name-safe word: 'facebook/seamless-m4t-v2-large' ->
+  'facebook--seamless-m4t-v2-large', a local directory by its last two path parts."""
+  parts = [p for p in model.replace("\\", "/").split("/") if p not in ("", ".")][-2:]
+  return "--".join(re.sub(r"[^A-Za-z0-9_\-]+", "_", p) for p in parts) or "model"
+
+
+def model_site(slug: str, site: str) -> str:
+  """A site named by its model: ('sonar-tiny', 'text_encoder') -> 'sonar-tiny/text_encoder'."""
+  return f"{slug}{MODEL_SEP}{site}"
+
+
+def split_site(site: str) -> tuple[str | None, str]:
+  """(model slug or None, plain site) of a site name."""
+  slug, sep, plain = site.rpartition(MODEL_SEP)
+  return (slug, plain) if sep else (None, site)
+
+
+def model_of(key: Key) -> str | None:
+  """The model slug of a key of a several-model sweep; None for a plain site."""
+  return split_site(key.site)[0]

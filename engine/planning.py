@@ -2,15 +2,16 @@
 description. Plain values in (keys, plan name, site map, layer counts), engine.pairs underneath.
 
 The site map is the model's declared site pairing as recorded in sweep.json at extraction, so
-planning knows nothing about model families.
+planning knows nothing about model families. A sweep over several models plans with their keys,
+site maps and layer counts merged, each model's sites named by the model (engine.keys.model_site).
 """
 from __future__ import annotations
 
 import hashlib
 from typing import Iterable, Mapping, Sequence
 
-from engine import pairs
-from engine.keys import Key
+from engine import cross_model, pairs
+from engine.keys import Key, model_of
 from engine.settings import PAPER_PLAN, SweepError
 
 
@@ -28,7 +29,8 @@ def ordered(keys: Iterable, languages: Sequence[str], modalities: Sequence[str],
 
 
 def plan_names(plan: str, keys: Sequence[Key], site_map: Mapping) -> list[str]:
-  """The plan's parts: 'paper' is the families the paper reports, as far as the keys allow."""
+  """The plan's parts: 'paper' is the families the paper reports, as far as the keys allow
+  (those of one model; planning several models adds 'cross_model')."""
   if plan != PAPER_PLAN:
     return plan.split("+")
   modalities = {k.modality for k in keys}
@@ -49,8 +51,19 @@ def make(plan: str, keys: Sequence[Key], *, site_map: Mapping, layer_counts: Map
     raise SweepError("nothing to compare: the sweep has no representations")
   try:
     site_map = pairs.restrict_site_map(site_map, keys)
-    out = pairs.make_plan(plan_names(plan, keys, site_map), keys, pivot=pivot,
-                          site_map=site_map, layer_counts=layer_counts)
+    models = cross_model.models_of(keys)
+    if plan == PAPER_PLAN and len(models) > 1:  # each model's paper families, then across
+      out = []
+      for m in models:
+        mine = [k for k in keys if model_of(k) == m]
+        part_map, part_counts = cross_model.model_part(site_map, layer_counts, m)
+        out += pairs.make_plan(plan_names(plan, mine, part_map), mine, pivot=pivot,
+                               site_map=part_map, layer_counts=part_counts)
+      out += cross_model.make_plan("cross_model", keys, site_map=site_map,
+                                   layer_counts=layer_counts)
+    else:
+      out = cross_model.make_plan(plan_names(plan, keys, site_map), keys, pivot=pivot,
+                                  site_map=site_map, layer_counts=layer_counts)
   except ValueError as e:
     raise SweepError(f"--plan={plan}: {e}") from None
   if not out:

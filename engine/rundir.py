@@ -3,12 +3,15 @@
   sweep.json        the settings that decide its numbers (its identity) and facts learnt on the
                     way (the model's layer counts and site map, the plan's digest)
   activations/      the activation store (engine.store); with several processes each writes
-                    its own, activations.p{index}/
+                    its own, activations.p{index}/; a sweep over several models holds one
+                    store per model, activations/{model slug}/ (.p{index} per process)
   checkpoints/      orbax checkpoints of the pair stage (engine.scoring)
   results.parquet   the tidy table (engine.table.COLUMNS), also as results.csv
   summary.json, plots/   written from the table by cli.report
 
-A directory holding a sweep with another identity is refused, naming the settings that differ.
+A directory holding a sweep with another identity is refused, naming the settings that differ;
+a sweep over several models may be resumed with more models (the stores it holds are reused, the
+pairs rescored).
 """
 from __future__ import annotations
 
@@ -51,9 +54,22 @@ def write_state(out: Path, state: dict) -> None:
   os.replace(tmp, path)
 
 
-def store_name(index: int = 0, count: int = 1) -> str:
-  """The store process `index` of `count` writes: its own, so no two processes write one."""
-  return STORE_DIR if count == 1 else f"{STORE_DIR}.p{index}"
+def store_name(index: int = 0, count: int = 1, slug: str | None = None) -> str:
+  """The store process `index` of `count` writes: its own, so no two processes write one; in a
+  sweep over several models, each model's own (`slug`, engine.keys.model_slug)."""
+  base = STORE_DIR if slug is None else f"{STORE_DIR}/{slug}"
+  return base if count == 1 else f"{base}.p{index}"
+
+
+def _models(identity: dict) -> list[str]:
+  return str(identity.get("model", "")).split(",")
+
+
+def _adds_models(old: dict, new: dict) -> bool:
+  """Whether `new` is the several-model sweep `old` with more models, all else equal."""
+  rest = [k for k in new if k != "model" and old.get(k) != new[k]]
+  before, after = _models(old), _models(new)
+  return not rest and 1 < len(before) < len(after) and set(before) <= set(after)
 
 
 def stores_in(out: Path) -> list[Path]:
@@ -90,6 +106,13 @@ def prepare(out: Path, identity: dict, *, overwrite: bool = False,
     state = None  # a sweep that stopped before extracting anything: nothing to keep
   if state is not None:
     old = state["identity"]
+    if _adds_models(old, identity):
+      vet()
+      if (out / CHECKPOINT_DIR).exists():  # another plan's checkpoints: rescored
+        shutil.rmtree(out / CHECKPOINT_DIR)
+      state = {**state, "identity": identity, "plan": None}
+      write_state(out, state)
+      return state
     differ = [k for k in identity if old.get(k) != identity[k]]
     if differ:
       what = "; ".join(f"--{k}={_flag_value(old.get(k))} there, --{k}={_flag_value(identity[k])}"

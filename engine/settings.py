@@ -23,11 +23,12 @@ import dataclasses
 import typing
 from typing import Any, Mapping
 
-from engine import data, pairs, svcca
-from engine.keys import MODALITIES
+from engine import cross_model, data, pairs, svcca
+from engine.keys import MODALITIES, model_slug
 from engine.models import salmonn_options
 
 PAPER_PLAN = "paper"
+PLANS = pairs.PLANS + cross_model.PLANS
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
 KERNEL_DTYPES = ("float32", "float64")
 # The fewest sentences SVCCA can compare: centring one sentence leaves nothing.
@@ -75,7 +76,10 @@ class Corpus:
 class Model:
   name: str = setting("seamless-tiny", "seamless-tiny | seamless-v1-tiny | seamless-mid | "
                       "sonar-tiny | salmonn-tiny (random, offline), a hub id such as "
-                      "facebook/seamless-m4t-v2-large, or a local directory.", flag="model")
+                      "facebook/seamless-m4t-v2-large, or a local directory; several, "
+                      "comma-separated, compare models on the same sentences (plans "
+                      "cross_model, cross_model_modal), each extracted into its own store.",
+                      flag="model")
   sites: tuple[str, ...] | None = setting(None, "Sites to extract (default: every site of the "
                                           "model).")
   layers: tuple[int, ...] | None = setting(None, "Layer indices for every site, negative from "
@@ -127,7 +131,8 @@ class Scoring:
   threshold: float = setting(0.99, "Variance kept by the SVD step (svcca, pwcca).")
   plan: str = setting(PAPER_PLAN, "Comparison plan: 'paper' (cross-modal, cross-lingual text "
                       "and speech, and the adaptor where the model has one), or "
-                      f"{', '.join(pairs.PLANS)}, joined with '+'.")
+                      f"{', '.join(PLANS)}, joined with '+' (cross_model and cross_model_modal "
+                      "compare the models of a several-model --model).")
   pivot: str | None = setting(None, "Cross-lingual pairs only against this language (e.g. "
                               "eng).")
   dtype: str = setting("float32", "Dtype of the SVD and pair kernel.", flag="kernel_dtype",
@@ -259,11 +264,15 @@ def parse_layers(values) -> tuple[int, ...] | None:
 def check(settings: Settings) -> Settings:
   """The settings checked and spelled canonically (so 'en,de' and 'eng,deu' are one sweep)."""
   corpus = _check_corpus(settings.corpus)
+  model = _check_model_fields(settings.model)
   scoring = _check_scoring(settings.scoring, corpus.languages)
   if corpus.max_sentences is not None:
     check_sentences(corpus.max_sentences, scoring)
-  return Settings(corpus=corpus, model=_check_model_fields(settings.model), scoring=scoring,
-                  run=_check_run(settings.run))
+  across = [n for n in scoring.plan.split("+") if n in cross_model.PLANS]
+  if across and len(model_names(model)) < 2:
+    raise SweepError(f"--plan={scoring.plan} compares models, but --model={model.name} names one; "
+                     "give several, comma-separated (e.g. --model=seamless-tiny,sonar-tiny)")
+  return Settings(corpus=corpus, model=model, scoring=scoring, run=_check_run(settings.run))
 
 
 def _check_corpus(c: Corpus) -> Corpus:
@@ -284,12 +293,26 @@ def _check_corpus(c: Corpus) -> Corpus:
   return dataclasses.replace(c, languages=languages, modalities=modalities)
 
 
+def model_names(model: Model) -> tuple[str, ...]:
+  """The models a sweep compares: --model split at commas (one for a single-model sweep)."""
+  return tuple(name.strip() for name in model.name.split(","))
+
+
 def _check_model_fields(m: Model) -> Model:
   _one_of("model_dtype", m.dtype, MODEL_DTYPES)
   for name, field, _ in flag_fields(Model):
     if field.metadata["choices"]:
       _one_of(name, getattr(m, field.name), field.metadata["choices"])
-  return dataclasses.replace(m, sites=tuple(dict.fromkeys(m.sites)) if m.sites else None,
+  names = model_names(m)
+  if "" in names:
+    raise SweepError(f"--model={m.name} has an empty name; give models separated by single commas")
+  slugs = [model_slug(n) for n in names]
+  for i, slug in enumerate(slugs):
+    if slug in slugs[:i]:
+      raise SweepError(f"--model={m.name} names {names[i]} twice (or two models with one file "
+                       f"name, {slug}); give each model once")
+  return dataclasses.replace(m, name=",".join(names),
+                             sites=tuple(dict.fromkeys(m.sites)) if m.sites else None,
                              layers=parse_layers(m.layers))
 
 
@@ -299,10 +322,10 @@ def _check_scoring(s: Scoring, languages: tuple[str, ...]) -> Scoring:
   if not 0.0 < s.threshold <= 1.0:
     raise SweepError(f"--threshold={s.threshold} is not in (0, 1]")
   if s.plan != PAPER_PLAN:
-    bad = [n for n in s.plan.split("+") if n not in pairs.PLANS]
+    bad = [n for n in s.plan.split("+") if n not in PLANS]
     if bad:
       raise SweepError(f"--plan={s.plan}: unknown plan {bad[0]!r}; choose {PAPER_PLAN} or one of "
-                       f"{', '.join(pairs.PLANS)} (join several with '+')")
+                       f"{', '.join(PLANS)} (join several with '+')")
   pivot = None
   if s.pivot:
     try:
@@ -347,14 +370,22 @@ def check_model(model: Model) -> None:
   the pooling. Imports torch, hence not part of `check`."""
   from engine.models import family  # pylint: disable=import-outside-toplevel
   from engine.models.pooling import POOLINGS  # pylint: disable=import-outside-toplevel
-  card = family(model.name)
+  names = model_names(model)
+  cards = {}
+  for name in names:
+    try:
+      cards[name] = family(name)
+    except ValueError as e:
+      raise SweepError(f"--model={model.name}: {e}" if len(names) > 1 else str(e)) from None
+  kinds = ", ".join(dict.fromkeys(card.name for card in cards.values()))
   _one_of("pooling", model.pooling, POOLINGS)
-  for name, field, _ in _given_options(model):
+  for name, field, _ in _given_options(model):  # each option for the models that take it
     given, takers = f"--{name}={getattr(model, field.name)}", field.metadata["families"]
-    if card.name not in takers:
+    taking = {m: card for m, card in cards.items() if card.name in takers}
+    if not taking:
       raise SweepError(f"{given} applies to {' and '.join(takers)} models; --model={model.name} "
-                       f"is {card.name}: drop --{name}")
-    if field.metadata["weights"] and card.random_match(model.name):
+                       f"is {kinds}: drop --{name}")
+    if field.metadata["weights"] and all(card.random_match(m) for m, card in taking.items()):
       raise SweepError(f"{given} locates real weights; --model={model.name} is a random "
                        f"config: drop --{name}")
   if model.salmonn_beats is not None and model.salmonn_without_beats:

@@ -134,7 +134,7 @@ def degenerate(table: pd.DataFrame) -> int:
   where CCA inflates scores (few sentences, as in quick runs on the bundled corpus)."""
   ranks = {}
   for side in ("a", "b"):
-    cols = [f"{c}_{side}" for c in ("language", "modality", "site", "layer")]
+    cols = [f"{c}_{side}" for c in ("model", "language", "modality", "site", "layer")]
     ranks.update(zip(map(tuple, table[cols].to_numpy()), table[f"rank_{side}"]))
   n = int(table.n.iloc[0]) if len(table) else 0
   return sum(1 for rank in ranks.values() if rank >= svcca.RANK_WARNING_FRACTION * n)

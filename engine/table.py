@@ -2,8 +2,14 @@
 
 Columns (`COLUMNS`):
 
-  model, site_a, layer_a, language_a, modality_a, site_b, layer_b, language_b, modality_b,
-  family, metric, score, rank_a, rank_b, n, null_mean, null_sd, z, p_value, permutations
+  model, model_a, model_b, site_a, layer_a, language_a, modality_a, site_b, layer_b,
+  language_b, modality_b, family, metric, score, rank_a, rank_b, n, null_mean, null_sd, z,
+  p_value, permutations
+
+model_a and model_b are the models of the two sides; `model` is theirs when they are one model
+(every row of a single-model sweep), else 'model_a~model_b' (families cross_model and
+cross_model_modal of a sweep over several models). Tables written before them read with
+`model` on both sides.
 
 `family` is the comparison family of engine.pairs (cross_modal, cross_lingual_text, ...). In a
 cross-modal row side a is text and side b speech. PWCCA is asymmetric: a row's score is
@@ -27,11 +33,13 @@ import numpy as np
 import pandas as pd
 
 NULL_COLUMNS = ("null_mean", "null_sd", "z", "p_value")
-COLUMNS = ("model", "site_a", "layer_a", "language_a", "modality_a", "site_b", "layer_b",
-           "language_b", "modality_b", "family", "metric", "score", "rank_a", "rank_b", "n",
-           *NULL_COLUMNS, "permutations")
-# What the analyses read; the kernel's ranks and n, and the null, are optional.
-OPTIONAL = ("rank_a", "rank_b", "n", *NULL_COLUMNS, "permutations")
+COLUMNS = ("model", "model_a", "model_b", "site_a", "layer_a", "language_a", "modality_a",
+           "site_b", "layer_b", "language_b", "modality_b", "family", "metric", "score",
+           "rank_a", "rank_b", "n", *NULL_COLUMNS, "permutations")
+# What the analyses read; each side's model, the kernel's ranks and n, and the null, are
+# optional.
+OPTIONAL = ("model_a", "model_b", "rank_a", "rank_b", "n", *NULL_COLUMNS, "permutations")
+CROSS_MODEL_SEP = "~"
 REQUIRED = tuple(c for c in COLUMNS if c not in OPTIONAL)
 CENTRAL_FAMILIES = ("cross_modal", "cross_lingual_text", "cross_lingual_speech",
                     "cross_modal_lingual")
@@ -55,6 +63,9 @@ def validate_table(table: pd.DataFrame, source: str = "results table") -> pd.Dat
     raise ValueError(f"{source} lacks column(s) {', '.join(missing)} (has: "
                      f"{', '.join(map(str, table.columns))})")
   out = table.copy()
+  for side in ("model_a", "model_b"):  # tables written before models were compared
+    if side not in out.columns:
+      out.insert(list(out.columns).index("model") + 1 + (side == "model_b"), side, out["model"])
   for column in NULL_COLUMNS:
     if column not in out.columns:
       out[column] = np.nan
@@ -73,7 +84,7 @@ def validate_table(table: pd.DataFrame, source: str = "results table") -> pd.Dat
     if out[column].isna().any():
       raise ValueError(f"{source}: column {column} has empty cells")
     out[column] = out[column].astype(np.int64)
-  for column in REQUIRED:
+  for column in REQUIRED + ("model_a", "model_b"):
     if column not in ("layer_a", "layer_b", "score"):
       out[column] = out[column].astype(str)
   return out
@@ -84,16 +95,28 @@ def results_table(plan: Sequence, score, rank_a=None, rank_b=None, *, model: str
                   permutations: int = 0) -> pd.DataFrame:
   """The tidy table (COLUMNS, in order) for a plan of engine.pairs and its [P] scores.
 
+  `model` is the sweep's --model: one name, or several comma-separated whose sites the plan's
+  keys name (engine.keys.model_site); each side's model is then read from its site.
   null: the [P] arrays null_mean, null_sd, z, p_value (engine.svcca.calibrated's keys), or
   None for NaN (no null); `permutations` is how many permutations made them.
   """
+  from engine.keys import model_slug, split_site  # pylint: disable=import-outside-toplevel
   from engine.pairs import plan_frame  # pylint: disable=import-outside-toplevel
   table = plan_frame(plan)
   size = len(table)
+  names = model.split(",")
+  by_slug = {model_slug(name): name for name in names}
+  for side in ("a", "b"):
+    split = [split_site(site) for site in table[f"site_{side}"]]
+    if len(names) > 1 and any(slug not in by_slug for slug, _ in split):
+      raise ValueError(f"the plan's sites name models other than {model}")
+    table[f"model_{side}"] = [by_slug[slug] if len(names) > 1 else model for slug, _ in split]
+    table[f"site_{side}"] = [site for _, site in split]
   for name, values in (("score", score), ("rank_a", rank_a), ("rank_b", rank_b)):
     if values is not None and np.shape(values) != (size,):
       raise ValueError(f"{name} has shape {np.shape(values)}, the plan has {size} pairs")
-  table.insert(0, "model", model)
+  table.insert(0, "model", [a if a == b else f"{a}{CROSS_MODEL_SEP}{b}"
+                            for a, b in zip(table.model_a, table.model_b)])
   table["metric"] = metric
   table["score"] = np.asarray(score, np.float64)
   missing = np.full(size, -1, np.int64)
