@@ -42,6 +42,7 @@ flags.adopt_module_key_flags(corpus_flags)  # listed by --help with this module'
 corpus_flags.define(settings.Model, only=("model_dtype",))
 corpus_flags.define(settings.Scoring)
 corpus_flags.define(settings.Run, skip=corpus_flags.EXTRACTION_RUN)
+corpus_flags.define(settings.Report)
 flags.DEFINE_bool("overwrite", False, "Discard what the sweep wrote to --output_dir before.")
 flags.DEFINE_bool("report", True, "Write summary.json and plots/ (as cli.report does) at the end.")
 flags.DEFINE_string("coordinator", None, "Multi-process runs: HOST:PORT of process 0's "
@@ -83,12 +84,16 @@ def settings_from_flags() -> settings.Settings:
   return settings.from_flags(corpus_flags.values(FLAGS))
 
 
-def report(output_dir) -> str:
-  """summary.json and the figures from the finished table (engine.report, as cli.report does)."""
-  return describe(write_report(output_dir))
+def report(output_dir, sentence=None) -> str:
+  """summary.json and the figures from the finished table (engine.report, as cli.report does),
+  with the sentence bootstrap's records if given."""
+  return describe(write_report(output_dir, sentence=sentence))
 
 
 def sweep_from_flags() -> str:
+  if FLAGS.bootstrap and not FLAGS.report:
+    raise ValueError(f"--bootstrap={FLAGS.bootstrap} writes its intervals into summary.json; "
+                     "drop --noreport or --bootstrap")
   initialize_processes()
   result = run_sweep(settings_from_flags(), overwrite=FLAGS.overwrite)
   if jax.process_index() != 0:
@@ -101,8 +106,11 @@ def sweep_from_flags() -> str:
   if result.degenerate:
     lines.append(f"note: {result.degenerate} representations keep a rank of at least half the "
                  f"{result.n} sentences; CCA inflates their scores (use more sentences)")
+  if result.sentence is not None:
+    lines.append(result.sentence.describe())
   if FLAGS.report:
-    lines.append(report(result.output_dir))
+    lines.append(report(result.output_dir,
+                        result.sentence.records if result.sentence is not None else None))
   return "\n".join(lines)
 
 

@@ -1,4 +1,4 @@
-"""What a sweep is asked to do, as typed data: four groups of settings, each field one flag.
+"""What a sweep is asked to do, as typed data: five groups of settings, each field one flag.
 
   Corpus   which sentences, in which languages and modalities
   Model    which model, which of its sites and layers, pooled how, in which dtype, and the
@@ -6,11 +6,13 @@
            encoders, whether special tokens are pooled)
   Scoring  which measure, which pairs, in which kernel precision
   Run      how the work is done: where, on which devices, in which batches
+  Report   what summary.json adds to the table: the sentence bootstrap
 
 The first three decide the numbers, so together they are the sweep's identity (recorded in
-sweep.json: a directory holding another identity is refused); Run may change between a run
-and its resumption. Each field carries its flag's name, help and choices, from which the
-command-line flags are generated (cli.corpus_flags, cli.sweep), so a setting is defined once.
+sweep.json: a directory holding another identity is refused); Run and Report may change
+between a run and its resumption (Report changes summary.json, never the table). Each field
+carries its flag's name, help and choices, from which the command-line flags are generated
+(cli.corpus_flags, cli.sweep), so a setting is defined once.
 `check` validates and spells everything canonically once, at the edge, before any work; it
 needs no model code (torch), so a refused output directory is reported at once. `check_model`
 checks the rest (the model family, the pooling, which adapter options that family takes) when
@@ -26,6 +28,7 @@ from typing import Any, Mapping
 from engine import cross_model, data, pairs, svcca
 from engine.keys import MODALITIES, model_slug
 from engine.models import salmonn_options
+from engine.uncertainty import MIN_LANGUAGES
 
 PAPER_PLAN = "paper"
 PLANS = pairs.PLANS + cross_model.PLANS
@@ -34,6 +37,7 @@ KERNEL_DTYPES = ("float32", "float64")
 # The fewest sentences SVCCA can compare: centring one sentence leaves nothing.
 MIN_SENTENCES = 2
 MIN_PERMUTATIONS = 2  # a null's spread needs two draws
+MIN_REPLICATES = 2  # a sentence interval needs two replicates
 # The debiased HSIC estimator divides by n - 3.
 MIN_SENTENCES_DEBIASED = 4
 
@@ -164,11 +168,21 @@ class Run:
 
 
 @dataclasses.dataclass(frozen=True)
+class Report:
+  bootstrap: int = setting(0, "Sentence-bootstrap replicates after the table is written: every "
+                           "pair re-scored from the stored activations on resampled sentences, "
+                           "bases recomputed per replicate, for intervals over sentences in "
+                           f"summary.json; 0 turns it off, else at least {MIN_REPLICATES}.")
+  bootstrap_seed: int = setting(0, "Seed of the sentence resamples of --bootstrap.")
+
+
+@dataclasses.dataclass(frozen=True)
 class Settings:
   corpus: Corpus = dataclasses.field(default_factory=Corpus)
   model: Model = dataclasses.field(default_factory=Model)
   scoring: Scoring = dataclasses.field(default_factory=Scoring)
   run: Run = dataclasses.field(default_factory=Run)
+  report: Report = dataclasses.field(default_factory=Report)
 
   def replace(self, **values) -> "Settings":
     """These settings with some changed, by flag name: `s.replace(output_dir='/tmp/x')`."""
@@ -272,7 +286,8 @@ def check(settings: Settings) -> Settings:
   if across and len(model_names(model)) < 2:
     raise SweepError(f"--plan={scoring.plan} compares models, but --model={model.name} names one; "
                      "give several, comma-separated (e.g. --model=seamless-tiny,sonar-tiny)")
-  return Settings(corpus=corpus, model=model, scoring=scoring, run=_check_run(settings.run))
+  return Settings(corpus=corpus, model=model, scoring=scoring, run=_check_run(settings.run),
+                  report=_check_report(settings.report, corpus.languages))
 
 
 def _check_corpus(c: Corpus) -> Corpus:
@@ -365,6 +380,17 @@ def _check_run(r: Run) -> Run:
   return r
 
 
+def _check_report(r: Report, languages: tuple[str, ...]) -> Report:
+  if r.bootstrap < 0 or r.bootstrap == 1:
+    raise SweepError(f"--bootstrap={r.bootstrap} must be 0 (off) or at least {MIN_REPLICATES} "
+                     "replicates")
+  if r.bootstrap and len(languages) < MIN_LANGUAGES:
+    raise SweepError(f"--bootstrap={r.bootstrap} needs at least {MIN_LANGUAGES} languages in "
+                     f"--languages for its intervals, got {len(languages)}")
+  _at_least("bootstrap_seed", r.bootstrap_seed, 0)
+  return r
+
+
 def check_model(model: Model) -> None:
   """What only the model code knows: that the name is of a family we have an adapter for, and
   the pooling. Imports torch, hence not part of `check`."""
@@ -410,13 +436,15 @@ def adapter_options(model: Model) -> dict[str, Any]:
 
 def describe(settings: Settings, corpus_rows: int | None = None) -> str:
   """The sweep in one line, heading its plan."""
-  c, s = settings.corpus, settings.scoring
+  c, s, r = settings.corpus, settings.scoring, settings.report
   kept = f"{s.svd_dims} dims" if s.svd_dims else f"threshold {s.threshold}"
   chance = (f"null of {s.permutations} permutations (seed {s.null_seed})" if s.permutations
             else "no null")
   return (f"{settings.model.name} on {c.source} ({len(c.languages)} languages"
           + (f", {corpus_rows} corpus rows" if corpus_rows is not None else "")
-          + f"; {'+'.join(c.modalities)}), {s.metric} at {kept}, plan {s.plan}, {chance}")
+          + f"; {'+'.join(c.modalities)}), {s.metric} at {kept}, plan {s.plan}, {chance}"
+          + (f", sentence bootstrap of {r.bootstrap} replicates (seed {r.bootstrap_seed})"
+             if r.bootstrap else ""))
 
 
 def from_flags(values: Mapping[str, Any]) -> Settings:

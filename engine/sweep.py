@@ -9,6 +9,7 @@ Stages, each its own module, read top to bottom in `run_sweep`:
   engine.scoring     bases per place, chunks scored with their permutation null (engine.null)
                      on the mesh, orbax checkpoints
   engine.table       the results table written
+  engine.replicates  on request (--bootstrap), the sentence bootstrap of the findings
 
 Several processes (hosts, after engine.distributed.initialize) run one sweep in a directory
 they all see: each extracts its block of the languages into its own store and computes the
@@ -27,7 +28,7 @@ from typing import Callable
 import pandas as pd
 
 from engine import distributed, extraction, pairs, planning, rundir, scoring, settings
-from engine import null, sharding, svcca
+from engine import null, replicates, sharding, svcca
 from engine.settings import Settings, SweepError
 from engine.table import results_table, write_table
 
@@ -41,6 +42,7 @@ class SweepResult:
   chunks_run: int
   degenerate: int  # representations whose kept rank is >= RANK_WARNING_FRACTION * n
   n: int
+  sentence: replicates.SentenceBootstrap | None = None  # --bootstrap's, on process 0
 
 
 def run_sweep(s: Settings, *, overwrite: bool = False,
@@ -56,6 +58,9 @@ def run_sweep(s: Settings, *, overwrite: bool = False,
   if s.scoring.dtype == "float64":
     sharding.set_dtype("float64")
   leader = extraction.process()[0] == 0
+  if s.report.bootstrap and extraction.process()[1] > 1:
+    raise SweepError(f"--bootstrap={s.report.bootstrap} runs in one process, this sweep has "
+                     f"{extraction.process()[1]}; resume it in one process with --bootstrap")
   if not leader:
     log, s = (lambda _: None), s.replace(progress=False)
   state = distributed.together(lambda: rundir.prepare(
@@ -83,7 +88,10 @@ def run_sweep(s: Settings, *, overwrite: bool = False,
                                  permutations=sc.permutations)
   if leader:
     write_table(table, out)
-  return SweepResult(out, table, plan, len(chunks), len(pending), degenerate(table), n)
+  sentence = (replicates.run(s, table, plan, where, n, mesh=mesh[0], log=log)
+              if s.report.bootstrap else None)
+  return SweepResult(out, table, plan, len(chunks), len(pending), degenerate(table), n,
+                     sentence)
 
 
 def pair_mesh(devices: str):

@@ -180,10 +180,13 @@ def sentence_intervals(estimate: Callable[[np.ndarray], Mapping[str, float]], n:
 
 
 def plan_rescorer(load: Callable[[object], np.ndarray], plan: Sequence, *, metric: str = "svcca",
-                  threshold: float = 0.99) -> Callable[[np.ndarray], np.ndarray]:
+                  threshold: float = 0.99, dims: int | None = None, dtype: str | None = None,
+                  mesh=None) -> Callable[[np.ndarray], np.ndarray]:
   """rows -> the plan's [P] scores recomputed on those sentence rows (bases per call).
 
   load(key) -> [n, d] activations of a representation of the plan (called once per key).
+  threshold, dims, dtype: as the sweep keeps directions (--threshold, --svd_dims) and runs the
+  kernel (--kernel_dtype); mesh: the pair mesh (default one device).
   """
   from engine import pairs as pairs_lib  # pylint: disable=import-outside-toplevel
   from engine import svcca  # pylint: disable=import-outside-toplevel
@@ -194,7 +197,7 @@ def plan_rescorer(load: Callable[[object], np.ndarray], plan: Sequence, *, metri
   def rescore(rows: np.ndarray) -> np.ndarray:
     rows = np.asarray(rows)
     bases = svcca.compute_bases([r[rows] for r in reps], metric=metric, threshold=threshold,
-                                warn=False)
-    return svcca.pair_scores(bases, index, metric=metric).score
+                                warn=False, dims=dims, dtype=dtype)
+    return svcca.pair_scores(bases, index, metric=metric, mesh=mesh).score
 
   return rescore

@@ -224,12 +224,70 @@ def test_identity_is_the_corpus_model_and_scoring_groups():
     (["--max_sentences=12", "--svd_dims=20"],
      "--svd_dims=20 must be below the number of sentences n=12 (centred data has rank at most "
      "n - 1)"),
+    (["--bootstrap=-1"], "--bootstrap=-1 must be 0 (off) or at least 2 replicates"),
+    (["--bootstrap=1"], "--bootstrap=1 must be 0 (off) or at least 2 replicates"),
+    (["--languages=eng,deu", "--bootstrap=3"],
+     "--bootstrap=3 needs at least 3 languages in --languages for its intervals, got 2"),
+    (["--bootstrap=3", "--noreport"],
+     "--bootstrap=3 writes its intervals into summary.json; drop --noreport or --bootstrap"),
+    (["--bootstrap=3", "--bootstrap_seed=-2"], "--bootstrap_seed=-2 must be at least 0"),
 ])
 def test_bad_flags_are_refused_before_any_work(cache, tmp_path, flags, message):
   out = tmp_path / "sweep"
-  done = sweep_cli(cache, "--languages=eng", f"--output_dir={out}", *flags, timeout=120)
+  done = sweep_cli(cache, "--languages=eng,deu,swh", f"--output_dir={out}", *flags,
+                   timeout=120)
   assert done.returncode == 1 and done.stderr.strip() == f"sweep: error: {message}"
   assert not out.exists()
+
+
+def _plan_of(table: pd.DataFrame) -> list:
+  sides = [[f"{c}_{side}" for c in ("language", "modality", "site", "layer")] for side in "ab"]
+  return [(Key(*r[:4]), Key(*r[4:8]), r[8]) for r in
+          table[sides[0] + sides[1] + ["family"]].itertuples(index=False)]
+
+
+def test_bootstrap_rescorer_reproduces_the_table_and_the_reference(full):
+  """The sentence bootstrap's rescorer, under the sweep's settings: on the sentences as drawn it
+  is the table; on a resample, each family's first pair is the float64 reference's on the
+  resampled rows."""
+  from engine import uncertainty  # pylint: disable=import-outside-toplevel
+  out, _ = full
+  table = pd.read_parquet(out / "results.parquet")
+  store = open_store(out / rundir.STORE_DIR)
+  rescore = uncertainty.plan_rescorer(store.load, _plan_of(table), metric="svcca",
+                                      threshold=THRESHOLD, dtype="float32")
+  np.testing.assert_allclose(rescore(np.arange(SENTENCES)), table.score, atol=1e-5, rtol=0)
+  rows = np.random.default_rng(5).integers(0, SENTENCES, SENTENCES)
+  resampled = rescore(rows)
+  for i, row in table.groupby("family").head(1).iterrows():
+    a = np.float64(store.load((row.language_a, row.modality_a, row.site_a, row.layer_a)))[rows]
+    b = np.float64(store.load((row.language_b, row.modality_b, row.site_b, row.layer_b)))[rows]
+    assert resampled[table.index.get_loc(i)] == pytest.approx(
+        reference.svcca(a, b, threshold=THRESHOLD), abs=1e-4)
+
+
+def test_bootstrap_on_a_finished_sweep_adds_sentence_intervals(full, cache, tmp_path):
+  """--bootstrap is not part of the identity: a finished sweep resumes with it, the table stays
+  as it was, and summary.json and the closing lines gain intervals over sentences; another B
+  and seed rewrite them."""
+  out = tmp_path / "sweep"
+  shutil.copytree(full[0], out)
+  before = pd.read_parquet(out / "results.parquet")
+  for replicates, seed in ((3, 0), (4, 1)):
+    done = sweep_cli(cache, *FLAGS, f"--output_dir={out}", f"--bootstrap={replicates}",
+                     f"--bootstrap_seed={seed}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"sentence bootstrap: {replicates} replicates in " in done.stdout
+    assert "s per replicate)" in done.stdout
+    assert f"over sentences [" in done.stdout and f"({replicates} replicates" in done.stdout
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "results.parquet"), before)
+    found = json.loads((out / T.SUMMARY_JSON).read_text())["findings"]
+    assert found and all(f["sentence_replicates"] == replicates for f in found)
+    bounded = [f for f in found if f["sentence_ci_low"] is not None]
+    assert bounded and all(f["sentence_ci_low"] <= f["sentence_ci_high"] for f in bounded)
+    assert all(f["text"] in done.stdout for f in found)
+  ident = settings.identity(settings.check(settings.of(languages=LANGS, bootstrap=3)))
+  assert not {"bootstrap", "bootstrap_seed"} & set(ident)
 
 
 def test_svd_dims_above_the_corpus_is_refused_before_the_model_runs(cache, tmp_path):
