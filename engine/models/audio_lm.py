@@ -332,6 +332,14 @@ def load(recipe: Recipe, model: str, device: str = "cpu", dtype: str = "float32"
                         device=device, dtype=dtype, weights=model)
 
 
+def projector_parts(model: nn.Module) -> Parts:
+  """The layout Qwen2-Audio, Voxtral and Audio Flamingo 3 share: `model.model` holds the
+  audio tower, a multi-modal projector and the language model."""
+  inner = model.model
+  return Parts(list(inner.audio_tower.layers), inner.multi_modal_projector,
+               list(inner.language_model.layers), inner.language_model.norm)
+
+
 def seeded(build: Callable[[], nn.Module], seed: int) -> nn.Module:
   """Builds a model under a fixed seed without touching the caller's random state."""
   from transformers.utils import logging as hf_logging  # pylint: disable=import-outside-toplevel

@@ -6,7 +6,6 @@ cuts a clip into 30 s windows and expands <sound> to one token per pooled encode
 """
 from __future__ import annotations
 
-from torch import nn
 
 from engine.models import audio_lm
 
@@ -59,12 +58,6 @@ def model_class():
   return AudioFlamingo3ForConditionalGeneration
 
 
-def parts(model: nn.Module) -> audio_lm.Parts:
-  inner = model.model
-  return audio_lm.Parts(list(inner.audio_tower.layers), inner.multi_modal_projector,
-                        list(inner.language_model.layers), inner.language_model.norm)
-
-
 def layout(adapter, batch: dict, audios):
   """30 s windows per clip (as the processor cuts them), each a Whisper-style chunk."""
   processor = adapter.processor
@@ -77,7 +70,7 @@ def layout(adapter, batch: dict, audios):
 
 FAMILY = audio_lm.family_card("audioflamingo3", ("audioflamingo3-tiny",), ("audioflamingo3",))
 RECIPE = audio_lm.Recipe(family=FAMILY, build_tiny=build_tiny, model_class=model_class,
-                         parts=parts, body=lambda m: m.model, layout=layout)
+                         parts=audio_lm.projector_parts, body=lambda m: m.model, layout=layout)
 
 
 def load(model: str, **kwargs) -> audio_lm.AudioLMAdapter:

@@ -181,6 +181,14 @@ def recording(modules: Sequence[nn.Module], entering: nn.Module | None = None) -
 
 def model_state(checkpoint, *, what: str) -> dict[str, torch.Tensor]:
   """A checkpoint path, a {'model': state} dict or a state dict -> the flat state dict."""
+  state = load_checkpoint(checkpoint, what=what)
+  state = state.get("model", state)
+  return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def load_checkpoint(checkpoint, *, what: str) -> Mapping:
+  """A checkpoint path (or an already loaded mapping) -> the mapping it holds, tensors first:
+  pickled objects are unpickled only when a tensors-only load fails."""
   source = checkpoint
   if isinstance(checkpoint, (str, os.PathLike)):
     path = os.fspath(checkpoint)
@@ -197,5 +205,4 @@ def model_state(checkpoint, *, what: str) -> dict[str, torch.Tensor]:
                          f"which is not installed: pip install {e.name}") from None
   if not isinstance(checkpoint, Mapping):
     raise ValueError(f"{what} checkpoint {source!r} is not a mapping of tensors")
-  state = checkpoint.get("model", checkpoint)
-  return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+  return checkpoint

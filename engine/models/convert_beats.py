@@ -11,12 +11,12 @@ Dropped on purpose: the fine-tuned AudioSet classifier (`predictor.*`): SALMONN 
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 from typing import Mapping
 
 import torch
 
+from engine.models import common
 from engine.models.beats import Beats, BeatsConfig
 
 _POS = r"^encoder\.pos_conv\.0\."
@@ -40,15 +40,8 @@ class Converted:
 def read(checkpoint) -> tuple[dict, dict[str, torch.Tensor]]:
   """A BEATs .pt path or its loaded dict -> (cfg dict, state dict)."""
   source = checkpoint
-  if isinstance(checkpoint, (str, os.PathLike)):
-    path = os.fspath(checkpoint)
-    if not os.path.exists(path):
-      raise ValueError(f"BEATs checkpoint file {path!r} does not exist")
-    try:
-      checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # pylint: disable=broad-except
-      checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-  if not isinstance(checkpoint, Mapping) or "cfg" not in checkpoint or "model" not in checkpoint:
+  checkpoint = common.load_checkpoint(checkpoint, what="BEATs")
+  if "cfg" not in checkpoint or "model" not in checkpoint:
     raise ValueError(f"BEATs checkpoint {source!r} is not a dict with 'cfg' and 'model' keys "
                      "(the layout of BEATs_iter3_plus_AS2M*.pt)")
   cfg = checkpoint["cfg"]

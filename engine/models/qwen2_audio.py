@@ -6,9 +6,6 @@ processor expands <|AUDIO|> to one token per pooled encoder frame of the clip (2
 """
 from __future__ import annotations
 
-import numpy as np
-from torch import nn
-
 from engine.models import audio_lm
 
 SPECIALS = ("<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>")
@@ -45,12 +42,6 @@ def model_class():
   return Qwen2AudioForConditionalGeneration
 
 
-def parts(model: nn.Module) -> audio_lm.Parts:
-  inner = model.model
-  return audio_lm.Parts(list(inner.audio_tower.layers), inner.multi_modal_projector,
-                        list(inner.language_model.layers), inner.language_model.norm)
-
-
 def layout(adapter, batch: dict, audios):
   del adapter, audios
   return audio_lm.whisper_layout(batch["feature_attention_mask"].sum(-1).tolist())
@@ -58,7 +49,7 @@ def layout(adapter, batch: dict, audios):
 
 FAMILY = audio_lm.family_card("qwen2-audio", ("qwen2-audio-tiny",), ("qwen2_audio",))
 RECIPE = audio_lm.Recipe(family=FAMILY, build_tiny=build_tiny, model_class=model_class,
-                         parts=parts, body=lambda m: m.model, layout=layout)
+                         parts=audio_lm.projector_parts, body=lambda m: m.model, layout=layout)
 
 
 def load(model: str, **kwargs) -> audio_lm.AudioLMAdapter:

@@ -16,7 +16,6 @@ import math
 
 import numpy as np
 import torch
-from torch import nn
 
 from engine.models import audio_lm
 
@@ -96,12 +95,6 @@ def model_class():
   return VoxtralForConditionalGeneration
 
 
-def parts(model: nn.Module) -> audio_lm.Parts:
-  inner = model.model
-  return audio_lm.Parts(list(inner.audio_tower.layers), inner.multi_modal_projector,
-                        list(inner.language_model.layers), inner.language_model.norm)
-
-
 def text_prompt(processor, conv) -> str:
   """Mistral's instruct format for one user turn holding the sentence."""
   (item,) = conv[0]["content"]
@@ -159,7 +152,7 @@ def layout(adapter, batch: dict, audios):
 
 FAMILY = audio_lm.family_card("voxtral", ("voxtral-tiny",), ("voxtral",))
 RECIPE = audio_lm.Recipe(family=FAMILY, build_tiny=build_tiny, model_class=model_class,
-                         parts=parts, body=lambda m: m.model, layout=layout,
+                         parts=audio_lm.projector_parts, body=lambda m: m.model, layout=layout,
                          speech_inputs=speech_inputs, text_prompt=text_prompt,
                          processor_from_pretrained=processor_from_pretrained)
 
