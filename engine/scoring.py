@@ -12,8 +12,9 @@ round-off, up to ~1e-5: an SVD of U_a^T U_b there, eigenvalues of its Gram here)
 
 Bases are computed once per place for every representation there, kept while a pending chunk
 still needs them, and joined for the chunk at hand (engine.distributed.join_bases; padding is
-exact). Each process computes the bases of its own keys and the processes exchange them
-(engine.distributed.gather_bases); its keys are one block of every place, in process order, so
+exact). Each chunk's bases and pairs are padded to bucketed shapes (`bucketed`), so the chunks
+share a few compiled programs. Each process computes the bases of its own keys and the
+processes exchange them (engine.distributed.gather_bases); its keys are one block of every place, in process order, so
 the gathered bases are in the place's key order. Every process takes part in orbax's
 checkpoints (process 0 writes them).
 """
@@ -45,9 +46,10 @@ KILL_AFTER_ENV = "XMODAL_SWEEP_KILL_AFTER_CHUNKS"
 CHECKPOINT_SECONDS = 15.0
 # Kept directions (K) are padded to a multiple of WIDTH_STEP, representations to a power of two,
 # and pairs are scored in blocks of PAIR_BLOCK (fewer: a power of two), so the chunks of a sweep
-# reuse a few compiled shapes instead of compiling their own.
-WIDTH_STEP = 32
-PAIR_BLOCK = 256
+# reuse a few compiled shapes instead of compiling their own. Small steps: the null's SVDs grow
+# as K^3 and each padded pair costs a pair's permutations.
+WIDTH_STEP = 8
+PAIR_BLOCK = 64
 
 
 def _bucket(count: int) -> int:
