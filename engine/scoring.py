@@ -14,9 +14,9 @@ Bases are computed once per place for every representation there, kept while a p
 still needs them, and joined for the chunk at hand (engine.distributed.join_bases; padding is
 exact). Each chunk's bases and pairs are padded to bucketed shapes (`bucketed`), so the chunks
 share a few compiled programs. Each process computes the bases of its own keys and the
-processes exchange them (engine.distributed.gather_bases); its keys are one block of every place, in process order, so
-the gathered bases are in the place's key order. Every process takes part in orbax's
-checkpoints (process 0 writes them).
+processes exchange them (engine.distributed.gather_bases); its keys are one block of every
+place, in process order, so the gathered bases are in the place's key order. Every process
+takes part in orbax's checkpoints (process 0 writes them) and all agree when to save.
 """
 from __future__ import annotations
 
