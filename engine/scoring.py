@@ -1,6 +1,6 @@
 """The sweep's pair stage: bases per (site, layer) place, chunks scored on the mesh with their
-permutation null, and orbax checkpoints after every chunk, so a killed sweep resumes at the
-chunk it was in.
+permutation null, and orbax checkpoints every CHECKPOINT_SECONDS (and at the end), so a killed
+sweep resumes with at most that much work to redo.
 
 The null (engine.null) uses one seeded set of sentence permutations for every pair of the run
 (`permutations`), so a resumed sweep scores the null of its remaining pairs exactly as an
@@ -12,18 +12,21 @@ round-off, up to ~1e-5: an SVD of U_a^T U_b there, eigenvalues of its Gram here)
 
 Bases are computed once per place for every representation there, kept while a pending chunk
 still needs them, and joined for the chunk at hand (engine.distributed.join_bases; padding is
-exact). Each process computes the bases of its own keys and the processes exchange them
-(engine.distributed.gather_bases); its keys are one block of every place, in process order, so
-the gathered bases are in the place's key order. Every process takes part in orbax's
-checkpoints (process 0 writes them).
+exact). Each chunk's bases and pairs are padded to bucketed shapes (`bucketed`), so the chunks
+share a few compiled programs. Each process computes the bases of its own keys and the
+processes exchange them (engine.distributed.gather_bases); its keys are one block of every
+place, in process order, so the gathered bases are in the place's key order. Every process
+takes part in orbax's checkpoints (process 0 writes them) and all agree when to save.
 """
 from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Sequence
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging as absl_logging
@@ -34,8 +37,60 @@ from engine.keys import Key
 from engine.rundir import CHECKPOINT_DIR
 from engine.settings import SweepError
 
-# Test hook: the process SIGKILLs itself after this many chunks are checkpointed (resume tests).
+# Test hook: the process SIGKILLs itself after this many chunks are checkpointed (resume tests);
+# while it is set every chunk is checkpointed, so the count is of checkpoints.
 KILL_AFTER_ENV = "XMODAL_SWEEP_KILL_AFTER_CHUNKS"
+# Seconds between checkpoints: a save costs more than a small chunk, so a killed sweep redoes at
+# most this much work; the first and last chunks and an interrupted sweep's finished chunks are
+# always saved.
+CHECKPOINT_SECONDS = 15.0
+# Kept directions (K) are padded to a multiple of WIDTH_STEP, representations to a power of two,
+# and pairs are scored in blocks of PAIR_BLOCK (fewer: a power of two), so the chunks of a sweep
+# reuse a few compiled shapes instead of compiling their own. Small steps: the null's SVDs grow
+# as K^3 and each padded pair costs a pair's permutations.
+WIDTH_STEP = 8
+PAIR_BLOCK = 64
+
+
+def _bucket(count: int) -> int:
+  return 1 << max(0, int(count) - 1).bit_length()
+
+
+def bucketed(bases: svcca.Bases, idx: np.ndarray) -> tuple[svcca.Bases, np.ndarray]:
+  """Bases and index pairs padded to bucketed shapes; exact: padded directions are zero columns
+  the pair stage masks, padded representations are never paired, and the padded pairs (0, 0)
+  come after the real ones, to be dropped."""
+  r, _, k = bases.u.shape
+  width = -(-k // WIDTH_STEP) * WIDTH_STEP
+  features = None if bases.w is None else -(-bases.w.shape[-1] // WIDTH_STEP) * WIDTH_STEP
+  padded = distributed.pad_bases(bases, width, features)
+  extra = _bucket(r) - r
+  if extra:
+    rows = lambda x: np.pad(np.asarray(x), [(0, extra)] + [(0, 0)] * (np.ndim(x) - 1))
+    padded = svcca.Bases(u=rows(padded.u), s=rows(padded.s),
+                         w=None if padded.w is None else rows(padded.w),
+                         rank=np.pad(np.asarray(padded.rank), (0, extra), constant_values=1))
+  idx = np.asarray(idx, np.int32).reshape(-1, 2)
+  size = _bucket(len(idx)) if len(idx) < PAIR_BLOCK else -(-len(idx) // PAIR_BLOCK) * PAIR_BLOCK
+  idx = np.concatenate([idx, np.zeros((size - len(idx), 2), np.int32)])
+  return padded, idx
+
+
+def _concat(results: list[tuple]) -> tuple:
+  return type(results[0])(*(np.concatenate(field) for field in zip(*results)))
+
+
+def chunk_scores(bases: svcca.Bases, idx: np.ndarray, *, metric: str, perms: np.ndarray | None,
+                 mesh) -> tuple[svcca.PairResult, null.NullResult | None]:
+  """pair_scores (and pair_null) of index pairs [P, 2] on bucketed shapes, padding dropped."""
+  count = len(idx)
+  bases, idx = bucketed(bases, idx)
+  blocks = [idx[i:i + PAIR_BLOCK] for i in range(0, len(idx), PAIR_BLOCK)]
+  result = _concat([svcca.pair_scores(bases, b, metric=metric, mesh=mesh) for b in blocks])
+  chance = None if perms is None else _concat(
+      [null.pair_null(bases, b, perms, metric=metric, mesh=mesh) for b in blocks])
+  cut = lambda r: type(r)(*(np.asarray(f)[:count] for f in r))
+  return cut(result), None if chance is None else cut(chance)
 
 
 class PlaceBases:
@@ -139,34 +194,49 @@ def restore(manager: ocp.CheckpointManager, size: int, where: Path) -> dict[str,
 def score_chunks(plan: Sequence[pairs.Pair], pending: Sequence[pairs.Chunk], places: PlaceBases,
                  sweep: dict[str, np.ndarray], manager: ocp.CheckpointManager, *, metric: str,
                  perms: np.ndarray | None, mesh, progress: bool) -> dict[str, np.ndarray]:
-  """Scores the pending chunks into `sweep` (fresh's arrays), checkpointing after each.
+  """Scores the pending chunks into `sweep` (fresh's arrays), checkpointing by time.
 
   perms: the run's permutations [B, n] (engine.null.permutations), or None for no null.
   """
   kill_after = int(os.environ.get(KILL_AFTER_ENV, "0") or 0)
+  every = 0.0 if kill_after else CHECKPOINT_SECONDS
   step = int(manager.latest_step() or 0)
   total = sum(len(c.plan_index) for c in pending)
+  saved, unsaved, checkpoints = time.monotonic(), False, 0
+
+  def save():
+    nonlocal step, saved, unsaved, checkpoints
+    step, unsaved = step + 1, False
+    manager.save(step, args=ocp.args.StandardSave(sweep))
+    manager.wait_until_finished()
+    saved, checkpoints = time.monotonic(), checkpoints + 1
+
   with manager, tqdm(total=total, unit="pair", desc="pairs", dynamic_ncols=True,
                      disable=not progress) as bar:
-    for run, chunk in enumerate(pending, start=1):
-      bases, joined = places.bases(chunk)
-      idx = pairs.index_pairs([plan[p] for p in chunk.plan_index], joined)
-      result = svcca.pair_scores(bases, idx, metric=metric, mesh=mesh)
-      chance = None if perms is None else null.pair_null(bases, idx, perms, metric=metric,
-                                                         mesh=mesh)
-      places.release(chunk)
-      at = chunk.plan_index
-      for name in ("score", "rank_a", "rank_b"):
-        sweep[name][at] = getattr(result, name)
-      for name in NULL_FIELDS if chance is not None else ():
-        sweep[name][at] = getattr(chance, name)
-      sweep["done"][at] = True
-      step += 1
-      manager.save(step, args=ocp.args.StandardSave(sweep))
-      manager.wait_until_finished()
-      bar.update(len(at))
-      if kill_after and run >= kill_after:
-        os.kill(os.getpid(), signal.SIGKILL)
+    try:
+      for run, chunk in enumerate(pending, start=1):
+        bases, joined = places.bases(chunk)
+        idx = pairs.index_pairs([plan[p] for p in chunk.plan_index], joined)
+        result, chance = chunk_scores(bases, idx, metric=metric, perms=perms, mesh=mesh)
+        places.release(chunk)
+        at = chunk.plan_index
+        for name in ("score", "rank_a", "rank_b"):
+          sweep[name][at] = getattr(result, name)
+        for name in NULL_FIELDS if chance is not None else ():
+          sweep[name][at] = getattr(chance, name)
+        sweep["done"][at] = True
+        unsaved = True
+        due = run in (1, len(pending)) or time.monotonic() - saved >= every
+        if distributed.agree(int(due)):  # every process saves, or none
+          save()
+        bar.update(len(at))
+        if kill_after and checkpoints >= kill_after:
+          os.kill(os.getpid(), signal.SIGKILL)
+    except BaseException:
+      # an interrupted sweep keeps the chunks it finished (one process: others may be mid-chunk)
+      if unsaved and jax.process_count() == 1:
+        save()
+      raise
   return sweep
 
 

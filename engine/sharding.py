@@ -119,6 +119,7 @@ def mesh_for(devices: int | str) -> tuple[Mesh, str]:
   return mesh, device_summary(mesh)
 
 
+@functools.cache
 def sharded(block: Callable, mesh: Mesh) -> Callable:
   """jit(shard_map(block)): replicated leading args, the last arg split along the pair axis.
 
