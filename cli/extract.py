@@ -16,7 +16,7 @@ from absl import app, flags
 
 from cli import corpus_flags
 from cli.errors import one_line
-from engine import settings
+from engine import model_checks, settings
 
 FLAGS = flags.FLAGS
 flags.adopt_module_key_flags(corpus_flags)  # listed by --help with this module's own
@@ -43,13 +43,13 @@ def extract_from_flags() -> str:
   from engine.models.common import resolve_device  # pylint: disable=import-outside-toplevel
   layers = parse_layers(FLAGS.layers)
   model = settings.from_flags(corpus_flags.values(FLAGS)).model
-  settings.check_model(model)  # a family's options, before any work
+  model_checks.check_model(model)  # a family's options, before any work
   corpus = data.load_corpus(FLAGS.source, data.resolve_languages(FLAGS.languages),
                             with_audio="speech" in FLAGS.modalities, split=FLAGS.split,
                             max_sentences=FLAGS.max_sentences, fleurs_dir=FLAGS.fleurs_dir,
                             cache_dir=FLAGS.cache_dir)
   adapter = get_adapter(model.name, device=str(resolve_device(FLAGS.device)),
-                        dtype=model.dtype, **settings.adapter_options(model))
+                        dtype=model.dtype, **model_checks.adapter_options(model))
   report = extract(adapter, corpus, FLAGS.output_dir, modalities=FLAGS.modalities,
                    sites=FLAGS.sites, layers=layers, pooling=FLAGS.pooling,
                    batch_size=FLAGS.batch_size, max_speech_seconds=FLAGS.max_speech_seconds,

@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 
 import jax
 
-from engine import data, distributed, planning, rundir, settings
+from engine import data, distributed, model_checks, planning, rundir, settings
 from engine.data import fleurs
 from engine.keys import Key, model_site, model_slug, split_site
 from engine.settings import SweepError
@@ -142,8 +142,9 @@ def _extract_model(out: Path, s: settings.Settings, store_name: Callable[[int, i
         among=among)
     ids = loaded.select_columns(["id"]).to_pandas()["id"].unique()
     settings.check_sentences(len(ids), s.scoring)  # before the model runs
-    work["adapter"] = adapter = get_adapter(model.name, device=str(resolve_device(run.device)),
-                                            dtype=model.dtype, **settings.adapter_options(model))
+    work["adapter"] = adapter = get_adapter(
+        model.name, device=str(resolve_device(run.device)), dtype=model.dtype,
+        **model_checks.adapter_options(model))
     return {"keys": [list(k) for k in expected_keys(adapter, loaded, mine, model,
                                                      corpus.modalities)],
             "layer_counts": {site.name: site.layers for site in adapter.sites()},

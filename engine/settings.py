@@ -14,10 +14,9 @@ between a run and its resumption (Report changes summary.json, never the table).
 carries its flag's name, help and choices, from which the command-line flags are generated
 (cli.corpus_flags, cli.sweep), so a setting is defined once.
 `check` validates and spells everything canonically once, at the edge, before any work; it
-needs no model code (torch), so a refused output directory is reported at once. `check_model`
-checks the rest (the model family, the pooling, which adapter options that family takes) when
-a new sweep starts; `adapter_options` gives the family's options as its `load` keywords. The
-only local imports here are those, which load torch.
+needs no model code (torch), so a refused output directory is reported at once.
+engine.model_checks checks the rest (the model family, the pooling, which adapter options
+that family takes) when a new sweep starts.
 """
 from __future__ import annotations
 
@@ -91,7 +90,7 @@ class Model:
   pooling: str = setting("mean", "Pooling over valid positions: mean, max, first or last.")
   dtype: str = setting("float32", "Dtype the model runs in.", flag="model_dtype",
                        choices=MODEL_DTYPES)
-  # Adapter options: each taken by the families it names (see `adapter_options`).
+  # Adapter options: each taken by the families it names (see engine.model_checks.adapter_options).
   pool_special_tokens: bool = adapter_option(
       True, "SONAR and SeamlessM4T text: pool the language token and </s> with the sentence's "
       "tokens (--nopool_special_tokens: the sentence's own tokens only).",
@@ -242,7 +241,7 @@ def _plain(value):
 # ----------------------------------------------------------------------------- checks
 
 
-def _one_of(name: str, value, choices) -> None:
+def one_of(name: str, value, choices) -> None:
   if value not in choices:
     raise SweepError(f"--{name}={value} is not one of {', '.join(map(str, choices))}")
 
@@ -291,7 +290,7 @@ def check(settings: Settings) -> Settings:
 
 
 def _check_corpus(c: Corpus) -> Corpus:
-  _one_of("source", c.source, data.SOURCES)
+  one_of("source", c.source, data.SOURCES)
   languages = c.languages
   if languages is None and c.source == "bundled":
     languages = data.bundled_languages()
@@ -299,7 +298,7 @@ def _check_corpus(c: Corpus) -> Corpus:
   if not modalities:
     raise SweepError("--modalities is empty; choose text, speech or both")
   for m in modalities:
-    _one_of("modalities", m, MODALITIES)
+    one_of("modalities", m, MODALITIES)
   _at_least("max_sentences", c.max_sentences, MIN_SENTENCES)
   try:
     languages = tuple(data.resolve_languages(languages))
@@ -314,10 +313,10 @@ def model_names(model: Model) -> tuple[str, ...]:
 
 
 def _check_model_fields(m: Model) -> Model:
-  _one_of("model_dtype", m.dtype, MODEL_DTYPES)
+  one_of("model_dtype", m.dtype, MODEL_DTYPES)
   for name, field, _ in flag_fields(Model):
     if field.metadata["choices"]:
-      _one_of(name, getattr(m, field.name), field.metadata["choices"])
+      one_of(name, getattr(m, field.name), field.metadata["choices"])
   names = model_names(m)
   if "" in names:
     raise SweepError(f"--model={m.name} has an empty name; give models separated by single commas")
@@ -332,8 +331,8 @@ def _check_model_fields(m: Model) -> Model:
 
 
 def _check_scoring(s: Scoring, languages: tuple[str, ...]) -> Scoring:
-  _one_of("metric", s.metric, svcca.METRICS)
-  _one_of("kernel_dtype", s.dtype, KERNEL_DTYPES)
+  one_of("metric", s.metric, svcca.METRICS)
+  one_of("kernel_dtype", s.dtype, KERNEL_DTYPES)
   if not 0.0 < s.threshold <= 1.0:
     raise SweepError(f"--threshold={s.threshold} is not in (0, 1]")
   if s.plan != PAPER_PLAN:
@@ -389,49 +388,6 @@ def _check_report(r: Report, languages: tuple[str, ...]) -> Report:
                      f"--languages for its intervals, got {len(languages)}")
   _at_least("bootstrap_seed", r.bootstrap_seed, 0)
   return r
-
-
-def check_model(model: Model) -> None:
-  """What only the model code knows: that the name is of a family we have an adapter for, and
-  the pooling. Imports torch, hence not part of `check`."""
-  from engine.models import family  # pylint: disable=import-outside-toplevel
-  from engine.models.pooling import POOLINGS  # pylint: disable=import-outside-toplevel
-  names = model_names(model)
-  cards = {}
-  for name in names:
-    try:
-      cards[name] = family(name)
-    except ValueError as e:
-      raise SweepError(f"--model={model.name}: {e}" if len(names) > 1 else str(e)) from None
-  kinds = ", ".join(dict.fromkeys(card.name for card in cards.values()))
-  _one_of("pooling", model.pooling, POOLINGS)
-  for name, field, _ in _given_options(model):  # each option for the models that take it
-    given, takers = f"--{name}={getattr(model, field.name)}", field.metadata["families"]
-    taking = {m: card for m, card in cards.items() if card.name in takers}
-    if not taking:
-      raise SweepError(f"{given} applies to {' and '.join(takers)} models; --model={model.name} "
-                       f"is {kinds}: drop --{name}")
-    if field.metadata["weights"] and all(card.random_match(m) for m, card in taking.items()):
-      raise SweepError(f"{given} locates real weights; --model={model.name} is a random "
-                       f"config: drop --{name}")
-  if model.salmonn_beats is not None and model.salmonn_without_beats:
-    raise SweepError("--salmonn_beats and --salmonn_without_beats contradict each other; "
-                     "give one")
-
-
-def _given_options(model: Model) -> list[tuple[str, dataclasses.Field, Any]]:
-  """The adapter options set away from their defaults."""
-  return [(name, f, hint) for name, f, hint in flag_fields(Model)
-          if f.metadata["families"] and getattr(model, f.name) != f.default]
-
-
-def adapter_options(model: Model) -> dict[str, Any]:
-  """The adapter options the model's family takes, as keywords of its `load` (every such
-  option, at its default or not; `check_model` has refused those of other families)."""
-  from engine.models import family_of  # pylint: disable=import-outside-toplevel
-  name = family_of(model.name)
-  return {f.metadata["kwarg"]: getattr(model, f.name) for _, f, _ in flag_fields(Model)
-          if name in f.metadata["families"]}
 
 
 def describe(settings: Settings, corpus_rows: int | None = None) -> str:

@@ -27,7 +27,7 @@ from typing import Callable
 
 import pandas as pd
 
-from engine import distributed, extraction, pairs, planning, rundir, scoring, settings
+from engine import distributed, extraction, model_checks, pairs, planning, rundir, scoring, settings
 from engine import null, replicates, sharding, svcca
 from engine.settings import Settings, SweepError
 from engine.table import results_table, write_table
@@ -65,7 +65,7 @@ def run_sweep(s: Settings, *, overwrite: bool = False,
     log, s = (lambda _: None), s.replace(progress=False)
   state = distributed.together(lambda: rundir.prepare(
       out, settings.identity(s), overwrite=overwrite,
-      vet=lambda: settings.check_model(s.model)) if leader else None)[0]
+      vet=lambda: model_checks.check_model(s.model)) if leader else None)[0]
   state, planned = extraction.extract_stage(out, state, s, log)
   where, keys, n = extraction.stored(out, state, s.corpus.languages, s.corpus.modalities)
   sc = s.scoring

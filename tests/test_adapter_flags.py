@@ -14,7 +14,7 @@ from absl import flags
 from absl.testing import flagsaver
 
 from cli import extract as extract_cli
-from engine import rundir, settings
+from engine import model_checks, rundir, settings
 from engine import sweep as S
 from engine.models import get_adapter
 from engine.models.pooling import pool
@@ -102,7 +102,7 @@ def test_extract_passes_the_options_too(loads, tmp_path, capsys):
 
 def test_salmonn_options_reach_the_adapter():
   model = settings.of(model="salmonn-tiny", **SALMONN_OPTIONS).model
-  adapter = get_adapter(model.name, **settings.adapter_options(model))
+  adapter = get_adapter(model.name, **model_checks.adapter_options(model))
   described = adapter.describe()
   assert (described["text_prompt"], described["mask_scope"], described["instruction"]) == (
       "plain", "all", "Repeat the speech.")
@@ -110,7 +110,7 @@ def test_salmonn_options_reach_the_adapter():
   assert "beats" not in {s.name for s in adapter.sites()}
   default = settings.of(model="salmonn-tiny").model
   assert "beats" in {s.name for s in get_adapter(
-      default.name, **settings.adapter_options(default)).sites()}
+      default.name, **model_checks.adapter_options(default)).sites()}
 
 
 @pytest.mark.parametrize("model", ["seamless-tiny", "sonar-tiny"])
@@ -120,7 +120,7 @@ def test_special_tokens_are_pooled_or_not(model):
   both = {}
   for pooled in (True, False):
     m = settings.of(model=model, pool_special_tokens=pooled).model
-    adapter = get_adapter(m.name, **settings.adapter_options(m))
+    adapter = get_adapter(m.name, **model_checks.adapter_options(m))
     assert adapter.describe()["pool_special_tokens"] is pooled
     both[pooled] = adapter.run_text(SENTENCES, "eng")
   lengths = [len(adapter.tokenizer(s, add_special_tokens=False)["input_ids"]) for s in SENTENCES]

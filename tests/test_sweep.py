@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from engine import null, pairs, rundir, scoring, settings, svcca
+from engine import model_checks, null, pairs, rundir, scoring, settings, svcca
 from engine import sweep as S
 from engine import table as T
 from engine.keys import Key
@@ -164,7 +164,7 @@ def test_other_settings_on_an_existing_sweep_are_refused(full, cache):
 def test_bad_settings_are_named(changes, message):
   with pytest.raises(ValueError) as e:
     checked = settings.check(settings.of(**{"languages": LANGS, **changes}))
-    settings.check_model(checked.model)
+    model_checks.check_model(checked.model)
   assert message in str(e.value) and "\n" not in str(e.value)
 
 
