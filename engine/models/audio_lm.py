@@ -332,6 +332,13 @@ def load(recipe: Recipe, model: str, device: str = "cpu", dtype: str = "float32"
                         device=device, dtype=dtype, weights=model)
 
 
+def tiny_qwen2_lm(vocab_size: int) -> dict:
+  """The tiny Qwen2 language model the offline Qwen2-LM families share (text_config)."""
+  return dict(model_type="qwen2", vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+              num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=2048)
+
+
 def projector_parts(model: nn.Module) -> Parts:
   """The layout Qwen2-Audio, Voxtral and Audio Flamingo 3 share: `model.model` holds the
   audio tower, a multi-modal projector and the language model."""

@@ -29,9 +29,7 @@ def build_tiny(seed: int = 0):
       audio_config=dict(num_mel_bins=MEL_BINS, d_model=32, encoder_layers=2,
                         encoder_attention_heads=4, encoder_ffn_dim=64, max_source_positions=1500,
                         dropout=0.0, attention_dropout=0.0, activation_dropout=0.0),
-      text_config=dict(model_type="qwen2", vocab_size=TINY_VOCAB, hidden_size=32,
-                       intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                       num_key_value_heads=2, max_position_embeddings=2048),
+      text_config=audio_lm.tiny_qwen2_lm(TINY_VOCAB),
       audio_token_id=processor.audio_token_id)
   model = audio_lm.seeded(lambda: Qwen2AudioForConditionalGeneration(config), seed)
   return model, processor
