@@ -113,7 +113,7 @@ def main() -> None:
       "max_abs_score_diff_sweep_vs_kernel": score_diff,
       "max_abs_null_mean_diff_sweep_vs_kernel": null_diff,
       "max_abs_null_observed_vs_pair_scores": observed_diff,
-      "checkpoint_seconds": getattr(scoring, "CHECKPOINT_SECONDS", 0),
+      "checkpoint_seconds": settings.Run().checkpoint_seconds,
       "uptime_before": load_before, "uptime_after": load_after,
   }
   RESULTS.mkdir(exist_ok=True)

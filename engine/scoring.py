@@ -1,6 +1,6 @@
 """The sweep's pair stage: bases per (site, layer) place, chunks scored on the mesh with their
-permutation null, and orbax checkpoints every CHECKPOINT_SECONDS (and at the end), so a killed
-sweep resumes with at most that much work to redo.
+permutation null, and orbax checkpoints at most every --checkpoint_seconds (and at the first
+and last chunk), so a killed sweep resumes with at most that much work to redo.
 
 The null (engine.null) uses one seeded set of sentence permutations for every pair of the run
 (`permutations`), so a resumed sweep scores the null of its remaining pairs exactly as an
@@ -40,10 +40,6 @@ from engine.settings import SweepError
 # Test hook: the process SIGKILLs itself after this many chunks are checkpointed (resume tests);
 # while it is set every chunk is checkpointed, so the count is of checkpoints.
 KILL_AFTER_ENV = "XMODAL_SWEEP_KILL_AFTER_CHUNKS"
-# Seconds between checkpoints: a save costs more than a small chunk, so a killed sweep redoes at
-# most this much work; the first and last chunks and an interrupted sweep's finished chunks are
-# always saved.
-CHECKPOINT_SECONDS = 15.0
 # Kept directions (K) are padded to a multiple of WIDTH_STEP, representations to a power of two,
 # and pairs are scored in blocks of PAIR_BLOCK (fewer: a power of two), so the chunks of a sweep
 # reuse a few compiled shapes instead of compiling their own. Small steps: the null's SVDs grow
@@ -193,13 +189,16 @@ def restore(manager: ocp.CheckpointManager, size: int, where: Path) -> dict[str,
 
 def score_chunks(plan: Sequence[pairs.Pair], pending: Sequence[pairs.Chunk], places: PlaceBases,
                  sweep: dict[str, np.ndarray], manager: ocp.CheckpointManager, *, metric: str,
-                 perms: np.ndarray | None, mesh, progress: bool) -> dict[str, np.ndarray]:
-  """Scores the pending chunks into `sweep` (fresh's arrays), checkpointing by time.
+                 perms: np.ndarray | None, mesh, progress: bool,
+                 checkpoint_seconds: float = 15.0) -> dict[str, np.ndarray]:
+  """Scores the pending chunks into `sweep` (fresh's arrays), checkpointing by time: a save
+  costs more than a small chunk, so the first and last chunks, an interrupted sweep's finished
+  chunks and otherwise one chunk per `checkpoint_seconds` are saved.
 
   perms: the run's permutations [B, n] (engine.null.permutations), or None for no null.
   """
   kill_after = int(os.environ.get(KILL_AFTER_ENV, "0") or 0)
-  every = 0.0 if kill_after else CHECKPOINT_SECONDS
+  every = 0.0 if kill_after else checkpoint_seconds
   step = int(manager.latest_step() or 0)
   total = sum(len(c.plan_index) for c in pending)
   saved, unsaved, checkpoints = time.monotonic(), False, 0

@@ -163,6 +163,9 @@ class Run:
                          "the mesh spans them all, and a count is taken evenly from each.")
   chunk_pairs: int | None = setting(None, "Most pairs per checkpointed chunk (default: one "
                                     "chunk per pair of (site, layer) places).")
+  checkpoint_seconds: float = setting(15.0, "Least seconds between pair-stage checkpoints (the "
+                                      "first and last chunks are always saved; 0: after every "
+                                      "chunk); a killed sweep redoes at most this much work.")
   progress: bool = setting(True, "Show progress bars.")
 
 
@@ -373,6 +376,8 @@ def check_sentences(n: int, scoring: Scoring) -> None:
 def _check_run(r: Run) -> Run:
   _at_least("batch_size", r.batch_size, 1)
   _at_least("chunk_pairs", r.chunk_pairs, 1)
+  if not r.checkpoint_seconds >= 0:
+    raise SweepError(f"--checkpoint_seconds={r.checkpoint_seconds} must be 0 or more")
   if r.max_speech_seconds is not None and not r.max_speech_seconds > 0:
     raise SweepError(f"--max_speech_seconds={r.max_speech_seconds} must be positive")
   parse_devices(r.devices)

@@ -81,11 +81,12 @@ def run_sweep(s: Settings, *, overwrite: bool = False,
   places = scoring.PlaceBases(where, n, pairs.plan_keys(plan), pending, metric=sc.metric,
                               threshold=sc.threshold, dtype=sc.dtype, dims=sc.svd_dims)
   sweep = scoring.score_chunks(plan, pending, places, sweep, manager, metric=sc.metric,
-                               perms=perms, mesh=mesh[0], progress=s.run.progress)
+                               perms=perms, mesh=mesh[0], progress=s.run.progress,
+                               checkpoint_seconds=s.run.checkpoint_seconds)
   table = results_table(plan, sweep["score"], sweep["rank_a"], sweep["rank_b"],
-                                 model=s.model.name, metric=sc.metric, n=n,
-                                 null=scoring.null_columns(sweep, sc.permutations),
-                                 permutations=sc.permutations)
+                        model=s.model.name, metric=sc.metric, n=n,
+                        null=scoring.null_columns(sweep, sc.permutations),
+                        permutations=sc.permutations)
   if leader:
     write_table(table, out)
   sentence = (replicates.run(s, table, plan, where, n, mesh=mesh[0], log=log)

@@ -25,7 +25,9 @@ from engine import sweep as S
 from engine.store import open_store
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = dict(languages=("eng", "deu"), max_sentences=8, chunk_pairs=3, progress=False)
+# A checkpoint after every chunk, so kills land in the pair stage mid-save as well.
+CONFIG = dict(languages=("eng", "deu"), max_sentences=8, chunk_pairs=3, checkpoint_seconds=0.0,
+              progress=False)
 
 _FORKER = r"""
 import os, sys, traceback
@@ -195,14 +197,16 @@ def test_repeated_sigkill_at_random_moments_then_resume(forker, reference, tmp_p
                  "checkpoint", "startup"]:
     before = _progress(out)
     pid = forker.start(out)
+    # Short delays: a resumed sweep of this size finishes within a second or two, and a run
+    # that finishes before its kill ends the series.
     if moment == "startup":
-      time.sleep(rng.uniform(0, 2.0))
+      time.sleep(rng.uniform(0, 0.3))
     elif moment == "progress":
       _until(lambda: _progress(out) != before, pid)
-      time.sleep(rng.uniform(0, 0.5))
+      time.sleep(rng.uniform(0, 0.05))
     else:
       _until(lambda: _progress(out)[1] != before[1], pid)
-      time.sleep(rng.uniform(0, 0.5))
+      time.sleep(rng.uniform(0, 0.05))
     try:
       os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
