@@ -225,9 +225,14 @@ def _statement(rec: dict) -> str:
     head = ("cross-modal similarity rises with depth" if sign[0] else
             "cross-modal similarity falls with depth" if sign[1] else
             "cross-modal similarity vs depth: no clear trend") + ", slope per layer"
-  ci = f"[{rec['confidence']:.0%} CI {_num(rec['ci_low'])}, {_num(rec['ci_high'])}]"
-  raw_ci = f"[{_num(rec['raw_ci_low'])}, {_num(rec['raw_ci_high'])}]"
-  n = f"over {rec['n_languages']} languages"
+  def interval(low, high, label=""):
+    if not (math.isfinite(low) and math.isfinite(high)):
+      return "(no interval)"
+    return f"[{label}{_num(low)}, {_num(high)}]"
+
+  ci = interval(rec["ci_low"], rec["ci_high"], f"{rec['confidence']:.0%} CI ")
+  raw_ci = interval(rec["raw_ci_low"], rec["raw_ci_high"])
+  n = f"over {rec['n_languages']} language{'s' if rec['n_languages'] != 1 else ''}"
 
   def verdict(flag, what):
     return ("too few languages for an interval" if flag is None else
