@@ -7,6 +7,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -177,6 +178,15 @@ def recording(modules: Sequence[nn.Module], entering: nn.Module | None = None) -
 
 # ---------------------------------------------------------------------------------------------
 # Checkpoints.
+
+
+def renamed(key: str, rules) -> str | None:
+  """`key` renamed by the first (pattern, replacement) rule whose pattern matches its start,
+  or None when none does (the converters' one renaming rule)."""
+  for pattern, repl in rules:
+    if re.match(pattern, key):
+      return re.sub(pattern, repl, key)
+  return None
 
 
 def model_state(checkpoint, *, what: str) -> dict[str, torch.Tensor]:

@@ -62,15 +62,12 @@ def convert(checkpoint) -> Converted:
         raise ValueError(f"BEATs checkpoint: {key} differs from block 0's relative position "
                          "bias, which BEATs shares across blocks")
       continue
-    for pattern, repl in RENAMES:
-      if re.match(pattern, key):
-        out[re.sub(pattern, repl, key)] = value
-        break
+    if (new := common.renamed(key, RENAMES)) is not None:
+      out[new] = value
+    elif any(re.match(p, key) for p in DROPPED):
+      dropped.append(key)
     else:
-      if any(re.match(p, key) for p in DROPPED):
-        dropped.append(key)
-      else:
-        out[key] = value
+      out[key] = value
   return Converted(cfg, out, dropped)
 
 

@@ -72,10 +72,8 @@ def convert(state: Mapping[str, torch.Tensor]) -> Converted:
   """Renames every key; a key that is neither mapped nor knowingly dropped is an error."""
   out, dropped, unknown = {}, [], []
   for key, value in state.items():
-    for pattern, repl in RULES:
-      if re.match(pattern, key):
-        out[re.sub(pattern, repl, key)] = value
-        break
+    if (new := common.renamed(key, RULES)) is not None:
+      out[new] = value
     else:
       (dropped if any(re.match(p, key) for p in DROPPED) else unknown).append(key)
   if unknown:

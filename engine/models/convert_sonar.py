@@ -142,10 +142,8 @@ def rename(state: Mapping[str, torch.Tensor], rules, *, what: str,
   for key, value in state.items():
     if any(re.search(p, key) for p in ignore):
       continue
-    for pattern, repl in rules:
-      if re.match(pattern, key):
-        out[re.sub(pattern, repl, key)] = value
-        break
+    if (new := common.renamed(key, rules)) is not None:
+      out[new] = value
     else:
       unknown.append(key)
   if unknown:
