@@ -79,19 +79,25 @@ def _singular_values(m: jax.Array, serial: bool) -> jax.Array:
   return jax.lax.map(one, m) if serial else one(m)
 
 
-def _svcca_permuted(ua, sa, wa, ka, ubp, sb, wb, kb, *, serial):
-  """SVCCA of a against a block of permuted copies ubp [C, n, K] of b -> [C]."""
+def _svcca_permuted(ua, sa, wa, ka, ubp, sb, wb, kb, *, serial, gemm_only):
+  """SVCCA of a against a block of permuted copies ubp [C, n, K] of b -> [C].
+
+  `gemm_only` (accelerators) takes each sum of singular values as the nuclear norm by
+  Newton-Schulz iterations, batched GEMMs like the cross products, as pair_metrics does there.
+  """
   del sa, sb, wa, wb
   m = jnp.einsum("nk,cnl->ckl", ua, ubp, precision=HIGHEST)
   k = jnp.minimum(ka, kb)
+  if gemm_only:
+    return pair_metrics.nuclear_norm_newton_schulz(m) / k
   sv = _singular_values(m, serial)
   return jnp.sum(jnp.where(jnp.arange(sv.shape[-1]) < k, sv, 0), axis=-1) / k
 
 
-def _permuted_fn(metric: str, serial: bool):
+def _permuted_fn(metric: str, serial: bool, gemm_only: bool):
   """(ua, sa, wa, ka, ubp [C, n, K], sb, wb, kb) -> scores [C]."""
   if metric == "svcca":
-    return functools.partial(_svcca_permuted, serial=serial)
+    return functools.partial(_svcca_permuted, serial=serial, gemm_only=gemm_only)
   one = pair_metrics._PAIR_FNS[metric]
   if serial:
     def mapped(ua, sa, wa, ka, ubp, sb, wb, kb):
@@ -101,9 +107,9 @@ def _permuted_fn(metric: str, serial: bool):
 
 
 @functools.cache
-def _null_block(metric: str, serial: bool):
+def _null_block(metric: str, serial: bool, gemm_only: bool = False):
   """Per pair: scores under every permutation of a [G, C, n] stack (row 0: identity) -> stats."""
-  scores_of = _permuted_fn(metric, serial)
+  scores_of = _permuted_fn(metric, serial, gemm_only)
 
   def block(replicated, pairs):
     (u, s, w, rank), perms, valid = replicated
@@ -181,10 +187,15 @@ def pair_null(bases: bases_lib.Bases, pairs: np.ndarray, perms: np.ndarray, *, m
   valid[1:rows] = True
   mesh = mesh or sharding.pair_mesh()
   sharding.single_threaded_lapack()
-  serial = metric in _SPECTRAL and mesh.devices.flat[0].platform == "cpu" and mesh.size > 1
-  out = sharding.map_pairs(_null_block(metric, serial),
+  on_cpu = mesh.devices.flat[0].platform == "cpu"
+  # One CPU device is fed from one host thread per core, each running its LAPACK calls
+  # unbatched (a batched call from one thread mostly kept one core busy: 211 vs 343 permuted
+  # scores/s at n=1000, K=288; batched calls from several threads can deadlock).
+  threads = sharding.host_cores() if on_cpu and mesh.size == 1 else 1
+  serial = metric in _SPECTRAL and on_cpu and (mesh.size > 1 or threads > 1)
+  out = sharding.map_pairs(_null_block(metric, serial, not on_cpu),
                            (tuple(bases), stack.reshape(blocks, chunk, n), valid),
-                           pairs, mesh=mesh, chunk_size=1)
+                           pairs, mesh=mesh, chunk_size=1, threads=threads)
   out = np.asarray(out, np.float64)
   return NullResult(score=out[:, 0], null_mean=out[:, 1], null_sd=out[:, 2],
                     exceed=np.rint(out[:, 3]).astype(np.int64),

@@ -73,5 +73,31 @@ class QuickBenchmarkTest(absltest.TestCase):
     self.assertIn("svd", self.report["profile"]["pairs"]["self_s"])  # singular values of M
 
 
+class QuickNullBenchmarkTest(absltest.TestCase):
+  """`python -m benchmarks.null_bench --quick`: its files, throughputs that add up, and a null
+  that agrees with the float64 computation the benchmark makes on its own."""
+
+  def test_quick_run(self):
+    out = tempfile.mkdtemp(prefix="null_bench_")
+    self.addCleanup(shutil.rmtree, out, ignore_errors=True)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.null_bench", "--quick", "--repeats=1",
+                           f"--out={out}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    with open(os.path.join(out, "null_quick.json")) as f:
+      report = json.load(f)
+    with open(os.path.join(out, "null_quick.md")) as f:
+      self.assertIn("Permutation-null throughput", f.read())
+    by_metric = {w["metric"]: w for w in report["workloads"]}
+    self.assertEqual(set(by_metric), {"svcca", "cka"})
+    for w in by_metric.values():
+      scored = w["pairs"] * w["permutations"]
+      for part in ("calibrated", "null_only"):
+        self.assertAlmostEqual(w[part]["per_s"] * w[part]["wall_s"], scored, delta=1e-6 * scored)
+    svcca = by_metric["svcca"]
+    self.assertGreater(svcca["spectrum_cpu_s"], 0)
+    self.assertLess(svcca["max_abs_diff_null_mean"], 1e-5)
+    self.assertLess(svcca["max_abs_diff_null_sd"], 1e-5)
+
+
 if __name__ == "__main__":
   absltest.main()

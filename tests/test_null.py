@@ -120,6 +120,25 @@ class NullAgreementTest(parameterized.TestCase):
       for a, b in zip(one, other):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
+  def test_accelerator_gemm_only_null_matches(self):
+    # The accelerators' block (Newton-Schulz nuclear norms, batched GEMMs), run on CPU.
+    from engine import sharding
+    reps = related_reps(seed=4, widths=(10, 20, 15, 12))
+    bases = svcca.compute_bases(reps)
+    pairs = svcca.all_pairs(4)
+    perms = null.permutations(40, 25, seed=2)
+    want = null.pair_null(bases, pairs, perms, metric="svcca")
+    stack = np.concatenate([np.arange(40, dtype=np.int32)[None], perms,
+                            np.tile(np.arange(40, dtype=np.int32), (4, 1))])  # 30 rows
+    valid = np.arange(30) >= 1
+    valid[26:] = False
+    out = sharding.map_pairs(null._null_block("svcca", False, True),
+                             (tuple(bases), stack.reshape(3, 10, 40), valid), pairs,
+                             mesh=sharding.pair_mesh(), chunk_size=1)
+    np.testing.assert_allclose(out[:, 0], want.score, atol=2e-5)
+    np.testing.assert_allclose(out[:, 1], want.null_mean, atol=2e-5)
+    np.testing.assert_allclose(out[:, 2], want.null_sd, atol=2e-5)
+
   def test_calibrated_is_reproducible_and_resumable_by_pair(self):
     reps = related_reps(seed=3, widths=(10, 20, 15, 12))
     full = svcca.calibrated(reps, permutations=40, seed=5)
