@@ -69,8 +69,11 @@ def runs(tmp_path_factory):
   killed = _finish(_processes(cache, two, 2, {scoring.KILL_AFTER_ENV: "1"}))
   (rc, out, err), = _finish([single])
   assert rc == 0, err[-3000:]
+  # Each process SIGKILLs itself after the first checkpoint; one that outlives its peer by a
+  # moment may instead be aborted by JAX's distributed runtime (SIGABRT), a crash all the same.
   for rc, _, err in killed:
-    assert rc == -9, err[-3000:]
+    assert rc in (-9, -6), err[-3000:]
+  assert -9 in [rc for rc, _, _ in killed], [err[-3000:] for _, _, err in killed]
   resumed = _finish(_processes(cache, two, 2))
   for rc, _, err in resumed:
     assert rc == 0, err[-3000:]
