@@ -26,7 +26,8 @@ from benchmarks.data import make_reps
 flags.DEFINE_string("out", "benchmarks/results", "Output directory.")
 flags.DEFINE_string("stem", "", "File name stem (default null, null_quick).")
 flags.DEFINE_bool("quick", False, "Toy sizes: a smoke test of the whole benchmark.")
-flags.DEFINE_integer("repeats", 2, "Timed calls after the first (median reported).")
+flags.DEFINE_integer("repeats", 2, "Timed calls after the first (median reported).",
+                     lower_bound=1)
 FLAGS = flags.FLAGS
 
 # (R, n, d, data, permutations, metrics, target permuted scores/s or None). The first is the

@@ -101,16 +101,16 @@ def _stack(arrays: list[np.ndarray], dtype) -> np.ndarray:
   d = max(a.shape[1] for a in arrays)
   out = np.zeros((len(arrays), arrays[0].shape[0], d), dtype=dtype)
   for i, a in enumerate(arrays):
-    out[i] = _prepared(a, d, dtype)
+    _prepared(a, d, dtype, out=out[i])
   return out
 
 
-def _prepared(a: np.ndarray, width: int, dtype) -> np.ndarray:
+def _prepared(a: np.ndarray, width: int, dtype, out: np.ndarray | None = None) -> np.ndarray:
   """One representation centred and scaled to unit RMS in float64, zero-padded to `width`
-  columns, then cast (see _stack)."""
+  columns, then cast (see _stack); written into `out` (zeros) when given."""
   centred = a.astype(np.float64) - a.mean(axis=0, dtype=np.float64)
   rms = np.sqrt(np.mean(centred * centred))
-  out = np.zeros((a.shape[0], width), dtype=dtype)
+  out = np.zeros((a.shape[0], width), dtype=dtype) if out is None else out
   out[:, : a.shape[1]] = centred / rms if rms > 0 else centred
   return out
 

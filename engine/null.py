@@ -107,7 +107,7 @@ def _permuted_fn(metric: str, serial: bool, gemm_only: bool):
 
 
 @functools.cache
-def _null_block(metric: str, serial: bool, gemm_only: bool = False):
+def _null_block(metric: str, serial: bool, gemm_only: bool):
   """Per pair: scores under every permutation of a [G, C, n] stack (row 0: identity) -> stats."""
   scores_of = _permuted_fn(metric, serial, gemm_only)
 
